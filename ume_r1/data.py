@@ -1,0 +1,189 @@
+"""Data schema and parquet loaders for query / positive / negative rows (DESIGN.md section 7).
+
+Two row layouts are detected from the columns:
+
+* native (what `ume_r1.synthetic` writes): ``query``, ``positive`` (side structs), optional
+  ``negatives`` (list of side structs) and ``task``. A side struct is
+  ``{text: string, images: list<{bytes, path}>, video: list<{bytes, path}>}``.
+* MMEB-train: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` and optionally
+  ``neg_text``, ``neg_image_path``.
+
+Images are decoded to RGB here so that a bad file fails in the loader, naming its row.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+ON_BAD_ROW = ("raise", "skip")
+NATIVE_COLUMNS = {"query", "positive"}
+MMEB_COLUMNS = {"qry", "qry_image_path", "pos_text", "pos_image_path"}
+# MMEB texts mark the image slot; our template puts media first, so the marker is dropped.
+_PLACEHOLDER_RE = re.compile(r"<\|image_\d+\|>\n?")
+
+
+@dataclass
+class Side:
+    """One side of a pair: the query, the positive target, or a negative target."""
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+    video: list[Image.Image] | None = None  # frames, in order
+
+    def is_empty(self) -> bool:
+        return not self.text and not self.images and not self.video
+
+
+@dataclass
+class Example:
+    """A query with its positive and explicit negatives."""
+
+    query: Side
+    positive: Side
+    negatives: list[Side]
+    task: str
+    row: int  # row index in its source file
+
+
+@dataclass
+class LoadReport:
+    """Counts from one `load_examples` call; `reasons` holds one message per skipped row."""
+
+    rows: int
+    loaded: int
+    skipped: int
+    reasons: list[str] = field(default_factory=list)
+
+
+class BadRowError(ValueError):
+    """A row that cannot be loaded; the message names the file, the row and the key or file at fault."""
+
+
+class _RowProblem(Exception):
+    """Raised inside row parsing; turned into a BadRowError carrying file and row."""
+
+
+def _open_image(source: str | bytes, what: str, shown: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError as e:
+        raise _RowProblem(f"{what} {shown} not found") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise _RowProblem(f"{what} {shown} is unreadable: {e}") from e
+
+
+def _load_media(entries: list[dict[str, Any]] | None, root: str, what: str) -> list[Image.Image]:
+    frames = []
+    for k, entry in enumerate(entries or []):
+        data, path = (entry or {}).get("bytes"), (entry or {}).get("path")
+        if data:
+            frames.append(_open_image(bytes(data), f"{what} {k}", f"({len(data)} bytes)"))
+        elif path:
+            frames.append(_open_image_path(path, root, f"{what} file"))
+        else:
+            raise _RowProblem(f"{what} {k} has neither bytes nor path")
+    return frames
+
+
+def _open_image_path(path: str, root: str, what: str) -> Image.Image:
+    full = path if os.path.isabs(path) else os.path.join(root, path)
+    shown = f"'{path}'" if full == path else f"'{path}' (resolved to '{full}')"
+    return _open_image(full, what, shown)
+
+
+def _checked(side: Side, name: str) -> Side:
+    if side.is_empty():
+        raise _RowProblem(f"{name} side is empty (no text, images or video)")
+    return side
+
+
+def _native_side(value: dict[str, Any] | None, root: str, name: str) -> Side:
+    value = value or {}
+    video = _load_media(value.get("video"), root, f"{name} video frame")
+    side = Side(
+        text=value.get("text") or "",
+        images=_load_media(value.get("images"), root, f"{name} image"),
+        video=video or None,
+    )
+    return _checked(side, name)
+
+
+def _native_row(row: dict[str, Any], root: str, index: int) -> Example:
+    negatives = [
+        _native_side(neg, root, f"negatives[{k}]") for k, neg in enumerate(row.get("negatives") or [])
+    ]
+    return Example(
+        query=_native_side(row.get("query"), root, "query"),
+        positive=_native_side(row.get("positive"), root, "positive"),
+        negatives=negatives,
+        task=row.get("task") or "retrieval",
+        row=index,
+    )
+
+
+def _mmeb_side(text: str | None, image_path: str | None, root: str, name: str) -> Side:
+    images = [_open_image_path(image_path, root, f"{name} image file")] if image_path else []
+    return _checked(Side(text=_PLACEHOLDER_RE.sub("", text or "").strip(), images=images), name)
+
+
+def _mmeb_row(row: dict[str, Any], root: str, index: int) -> Example:
+    query = _mmeb_side(row["qry"], row["qry_image_path"], root, "query")
+    positive = _mmeb_side(row["pos_text"], row["pos_image_path"], root, "positive")
+    neg_text, neg_image = row.get("neg_text"), row.get("neg_image_path")
+    # An empty neg_text and neg_image_path means "no explicit negative", not an empty side.
+    negatives = [_mmeb_side(neg_text, neg_image, root, "negative")] if neg_text or neg_image else []
+    return Example(query=query, positive=positive, negatives=negatives, task="mmeb", row=index)
+
+
+def load_examples(
+    paths: str | Sequence[str], image_root: str | None = None, on_bad_row: str = "raise"
+) -> tuple[list[Example], LoadReport]:
+    """Load examples from one or more parquet files.
+
+    Relative image paths resolve against `image_root`, else the parquet file's directory.
+    With ``on_bad_row="raise"`` a bad row raises `BadRowError`; with ``"skip"`` it is skipped and
+    its message recorded in the report. An unknown column layout is always a ValueError.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    examples: list[Example] = []
+    report = LoadReport(rows=0, loaded=0, skipped=0)
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        columns = set(parquet.schema_arrow.names)
+        if columns >= NATIVE_COLUMNS:
+            parse = _native_row
+        elif columns >= MMEB_COLUMNS:
+            parse = _mmeb_row
+        else:
+            raise ValueError(
+                f"{path}: unknown column layout; found columns {sorted(columns)}; expected native "
+                f"{sorted(NATIVE_COLUMNS)} (+ negatives, task) or MMEB-train {sorted(MMEB_COLUMNS)}"
+            )
+        root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+        index = 0
+        for batch in parquet.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                report.rows += 1
+                try:
+                    examples.append(parse(row, root, index))
+                    report.loaded += 1
+                except _RowProblem as e:
+                    message = f"{path} row {index}: {e}"
+                    if on_bad_row == "raise":
+                        raise BadRowError(message) from e
+                    report.skipped += 1
+                    report.reasons.append(message)
+                index += 1
+    return examples, report

@@ -1,0 +1,116 @@
+"""Turn one side of a pair (text + images / video frames) into model inputs, without torchvision.
+
+Images go through transformers' PIL image processor for Qwen2-VL. A video is a list of PIL frames,
+resized to one shared size and cut into Qwen2-VL's temporal x spatial patches here. Each image /
+video placeholder in the prompt is expanded to the number of merged patches it occupies.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from ume_r1.data import Side
+from ume_r1.model import load_image_processor, load_tokenizer
+from ume_r1.template import DISC_EMB, GEN_EMB, IMAGE_PAD, VIDEO_PAD, chat_prompt
+
+
+@dataclass
+class EncodedPrompt:
+    """A tokenised prompt and its pixel inputs (None when the side has no such media)."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+
+    def key(self) -> tuple:
+        """Identity for de-duplication: same tokens and same pixels means the same prompt."""
+        pixels = tuple(
+            hash(t.numpy().tobytes()) if t is not None else None
+            for t in (self.pixel_values, self.pixel_values_videos)
+        )
+        return (tuple(self.input_ids), pixels)
+
+
+class UMEProcessor:
+    def __init__(self, tokenizer, image_processor, max_prompt_length: int = 4096) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_prompt_length = max_prompt_length
+        vocab = tokenizer.get_vocab()
+        self.image_pad_id = vocab[IMAGE_PAD]
+        self.video_pad_id = vocab[VIDEO_PAD]
+        self.disc_emb_id = vocab[DISC_EMB]
+        self.gen_emb_id = vocab[GEN_EMB]
+        self.pad_id = tokenizer.pad_token_id
+        self.merge = image_processor.merge_size
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, max_prompt_length: int = 4096, max_pixels: int | None = None
+    ) -> UMEProcessor:
+        tokenizer = load_tokenizer(path)
+        for token in (DISC_EMB, GEN_EMB):
+            if token not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"tokenizer in '{path}' has no {token} token: it is not a UME model "
+                    "(load it with ume_r1.model.load_model, which adds the tokens, and save it)"
+                )
+        return cls(tokenizer, load_image_processor(path, max_pixels), max_prompt_length)
+
+    def encode(self, side: Side) -> EncodedPrompt:
+        prompt = chat_prompt(side.text, num_images=len(side.images), has_video=bool(side.video))
+        encoded = EncodedPrompt(input_ids=[])
+        if side.images:
+            feats = self.image_processor(images=side.images, return_tensors="pt")
+            encoded.pixel_values, encoded.image_grid_thw = feats["pixel_values"], feats["image_grid_thw"]
+            prompt = self._expand(prompt, IMAGE_PAD, encoded.image_grid_thw)
+        if side.video:
+            encoded.pixel_values_videos, encoded.video_grid_thw = self.video_patches(side.video)
+            prompt = self._expand(prompt, VIDEO_PAD, encoded.video_grid_thw)
+        encoded.input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(encoded.input_ids) > self.max_prompt_length:
+            raise ValueError(
+                f"prompt has {len(encoded.input_ids)} tokens, over data.max_prompt_length="
+                f"{self.max_prompt_length} (text starts {side.text[:60]!r})"
+            )
+        return encoded
+
+    def _expand(self, prompt: str, pad: str, grids: torch.Tensor) -> str:
+        # Replace each single placeholder, in order, by one pad per merged patch.
+        pieces = prompt.split(pad)
+        counts = (grids.prod(-1) // self.merge**2).tolist()
+        return "".join(p + pad * n for p, n in zip(pieces[:-1], counts, strict=True)) + pieces[-1]
+
+    def video_patches(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen2-VL video patches: frames resized to one size, normalised, grouped in time by
+        temporal_patch_size (the last frame repeated to fill the group), flattened per merged window."""
+        ip = self.image_processor
+        patch, tps, merge = ip.patch_size, ip.temporal_patch_size, ip.merge_size
+        w, h = frames[0].size
+        rh, rw = smart_resize(
+            h,
+            w,
+            factor=patch * merge,
+            min_pixels=ip.size["shortest_edge"],
+            max_pixels=ip.size["longest_edge"],
+        )
+        mean, std = (
+            np.asarray(ip.image_mean).reshape(1, 3, 1, 1),
+            np.asarray(ip.image_std).reshape(1, 3, 1, 1),
+        )
+        video = np.stack([np.asarray(f.convert("RGB").resize((rw, rh), Image.BICUBIC)) for f in frames])
+        video = (video.transpose(0, 3, 1, 2) / 255.0 - mean) / std
+        if len(video) % tps:
+            video = np.concatenate([video, np.repeat(video[-1:], tps - len(video) % tps, axis=0)])
+        gt, gh, gw = len(video) // tps, rh // patch, rw // patch
+        video = video.reshape(gt, tps, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+        video = video.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 3 * tps * patch * patch)
+        return torch.from_numpy(video.astype(np.float32)), torch.tensor([[gt, gh, gw]])

@@ -1,0 +1,155 @@
+"""A deterministic synthetic multimodal retrieval set on rendered shapes (DESIGN.md section 7).
+
+Rows mirror MMEB meta-tasks in equal shares: classification (image -> label), VQA (image +
+question -> answer) and text-to-image retrieval, each with one hard negative. Files use the
+native layout read by `ume_r1.data.load_examples`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import random
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 50, 180),
+    "orange": (240, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+TASKS = ("classification", "vqa", "retrieval")
+CLASSIFY_PROMPT = "What object is shown in the image?"
+COLOUR_QUESTION = "What colour is the shape?"
+SHAPE_QUESTION = "What shape is it?"
+
+MEDIA = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SIDE = pa.struct([("text", pa.string()), ("images", pa.list_(MEDIA)), ("video", pa.list_(MEDIA))])
+SCHEMA = pa.schema(
+    [("query", SIDE), ("positive", SIDE), ("negatives", pa.list_(SIDE)), ("task", pa.string())]
+)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        angles = [-90 + 120 * k for k in range(3)]
+        return [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in angles]
+    # star: alternate outer and inner radius around ten points
+    pts = []
+    for k in range(10):
+        rad = r if k % 2 == 0 else r * 0.45
+        a = math.radians(-90 + 36 * k)
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def render(colour: str, shape: str, rng: np.random.Generator, size: int = 56) -> bytes:
+    """PNG bytes of one `colour` `shape` at a random size and position on a lightly noisy background."""
+    base = rng.integers(225, 250)
+    noise = rng.integers(-8, 9, size=(size, size, 1))
+    background = np.clip(base + noise, 0, 255).repeat(3, axis=2).astype(np.uint8)
+    img = Image.fromarray(background, "RGB")
+    r = size * rng.uniform(0.22, 0.34)
+    cx, cy = (size / 2 + rng.uniform(-1, 1) * (size / 2 - r - 1) for _ in range(2))
+    draw = ImageDraw.Draw(img)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        half = r * 0.85  # a square of radius r looks larger than a circle of radius r
+        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def describe(colour: str, shape: str) -> str:
+    """The label text of one shape, e.g. "an orange star"."""
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+
+
+def _side(text: str, image: bytes | None = None) -> dict[str, Any]:
+    return {"text": text, "images": [{"bytes": image, "path": None}] if image else [], "video": []}
+
+
+def _hard_negative(colour: str, shape: str, rnd: random.Random) -> tuple[str, str]:
+    """A description sharing one attribute with (colour, shape)."""
+    if rnd.random() < 0.5:
+        return rnd.choice([c for c in COLOURS if c != colour]), shape
+    return colour, rnd.choice([s for s in SHAPES if s != shape])
+
+
+def _row(task: str, rnd: random.Random, rng: np.random.Generator, size: int) -> dict[str, Any]:
+    colour, shape = rnd.choice(list(COLOURS)), rnd.choice(SHAPES)
+    neg_colour, neg_shape = _hard_negative(colour, shape, rnd)
+    if task == "classification":
+        query = _side(CLASSIFY_PROMPT, render(colour, shape, rng, size))
+        positive, negative = _side(describe(colour, shape)), _side(describe(neg_colour, neg_shape))
+    elif task == "vqa":
+        image = render(colour, shape, rng, size)
+        if rnd.random() < 0.5:
+            wrong = rnd.choice([c for c in COLOURS if c != colour])
+            query, positive, negative = _side(COLOUR_QUESTION, image), _side(colour), _side(wrong)
+        else:
+            wrong = rnd.choice([s for s in SHAPES if s != shape])
+            query, positive, negative = _side(SHAPE_QUESTION, image), _side(shape), _side(wrong)
+    else:
+        query = _side(describe(colour, shape))
+        positive = _side("", render(colour, shape, rng, size))
+        negative = _side("", render(neg_colour, neg_shape, rng, size))
+    return {"query": query, "positive": positive, "negatives": [negative], "task": task}
+
+
+def _write_atomic(rows: list[dict[str, Any]], path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        os.replace(tmp, path)  # readers never see a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_synthetic(
+    out_dir: str, seed: int = 0, n_train: int = 256, n_test: int = 64, image_size: int = 56
+) -> dict[str, str]:
+    """Write ``train.parquet`` and ``test.parquet`` under `out_dir`; same seed -> identical bytes."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        # Each split has its own streams so the test set does not depend on n_train.
+        rnd = random.Random(f"ume-r1-synthetic/{seed}/{split}")
+        rng = np.random.default_rng(rnd.getrandbits(64))
+        rows = [_row(TASKS[i % len(TASKS)], rnd, rng, image_size) for i in range(n)]
+        paths[split] = os.path.join(out_dir, f"{split}.parquet")
+        _write_atomic(rows, paths[split])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--n-test", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=56)
+    args = parser.parse_args(argv)
+    paths = make_synthetic(args.out, args.seed, args.n_train, args.n_test, args.image_size)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The UME-R1 prompt template, special tokens and response format (paper section 3.2)."""
+
+from __future__ import annotations
+
+import re
+
+DISC_EMB = "<disc_emb>"
+GEN_EMB = "<gen_emb>"
+UME_TOKENS = (DISC_EMB, GEN_EMB)
+
+INSTRUCTION = (
+    "Represent the above input text, images, videos, or any combination of the three as embeddings. "
+    "First output the thinking process in <think> </think> tags and then summarize the entire input "
+    "in a word or sentence. Finally, use the <gen_emb> tag to represent the entire input."
+)
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen2-VL chat markup; vision placeholders are expanded by the processor.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+ENDOFTEXT = "<|endoftext|>"
+CHAT_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+
+FORMAT_RE = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*<gen_emb>", re.DOTALL)
+
+
+def user_text(text: str) -> str:
+    """The user turn's text part: input text, then `<disc_emb>`, then the instruction."""
+    return f"{text}\n{DISC_EMB}\n{INSTRUCTION}"
+
+
+def assistant_text(reasoning: str, summary: str) -> str:
+    """A well-formed assistant turn (used by SFT data and tests)."""
+    return f"<think>{reasoning}</think><answer>{summary}{GEN_EMB}"
+
+
+def chat_prompt(text: str, num_images: int = 0, has_video: bool = False) -> str:
+    """The full generation prompt in Qwen2-VL chat markup; media first, then text.
+
+    Each image / video appears as one pad token that the processor expands to its patch count.
+    """
+    media = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * num_images
+    if has_video:
+        media += f"{VISION_START}{VIDEO_PAD}{VISION_END}"
+    return (
+        f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n"
+        f"{IM_START}user\n{media}{user_text(text)}{IM_END}\n"
+        f"{IM_START}assistant\n"
+    )
+
+
+def format_ok(response: str) -> bool:
+    """Format reward predicate: the whole response is `<think>..</think>..<answer>..<gen_emb>`.
+
+    A `</answer>` before `<gen_emb>` is allowed; surrounding white space is ignored.
+    """
+    return FORMAT_RE.fullmatch(response.strip()) is not None

@@ -1,0 +1,267 @@
+"""The GRPO controller (single controller, verl-style): drives rollout, learner and reward worker
+groups on Ray through one step of DESIGN section 3 after another.
+
+    python -m ume_r1.trainer profile=tiny            # or any Hydra override, e.g. rollout.n=8
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import numpy as np
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from verl import DataProto
+from verl.protocol import pad_dataproto_to_divisor
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, kl_penalty
+
+from ume_r1.batch import pack_sequences
+from ume_r1.data import Example, load_examples
+from ume_r1.grouping import StepPrompts, plan_prompts
+from ume_r1.logger import MetricLogger
+from ume_r1.processor import UMEProcessor
+from ume_r1.reward_api import RewardBatch, available_rewards
+from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
+from workers.learner import LearnerWorker
+from workers.reward import RewardWorker
+from workers.rollout import RolloutWorker
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join the cluster named by ray.address / RAY_ADDRESS (set by `ray job submit`), else start a
+    local Ray bound to 127.0.0.1 with no dashboard."""
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": WORKER_ENV}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return
+    needed = cfg.rollout.num_workers + cfg.learner.num_workers + 1
+    ray.init(
+        num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+    )
+
+
+def _threads(cfg: DictConfig, concurrent: int) -> int:
+    if cfg.ray.threads_per_worker:
+        return int(cfg.ray.threads_per_worker)
+    return max(1, (os.cpu_count() or 1) // concurrent)
+
+
+def worker_group(cls, count: int, use_gpu: bool, threads: int, config: dict) -> RayWorkerGroup:
+    pool = RayResourcePool([count], use_gpu=use_gpu, max_colocate_count=1)
+    actor_cls = ray.remote(runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}})(cls)
+    return RayWorkerGroup(
+        pool, RayClassWithInitArgs(cls=actor_cls, config=config), device_name="cuda" if use_gpu else "cpu"
+    )
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        if cfg.reward.path is None and cfg.reward.name not in available_rewards():
+            raise ValueError(
+                f"reward.name={cfg.reward.name!r} is unknown; available: {sorted(available_rewards())}"
+            )
+        self.examples, report = load_examples(
+            list(_as_list(cfg.data.train_files)), cfg.data.image_root, cfg.data.on_bad_row
+        )
+        if report.skipped:
+            print(
+                f"data: skipped {report.skipped} of {report.rows} rows (data.on_bad_row=skip); first: "
+                f"{report.reasons[0]}"
+            )
+        if len(self.examples) < cfg.data.train_batch_size:
+            raise ValueError(
+                f"data.train_batch_size={cfg.data.train_batch_size} but only "
+                f"{len(self.examples)} usable rows in {cfg.data.train_files}"
+            )
+        self.processor = UMEProcessor.from_pretrained(
+            cfg.model.path, cfg.data.max_prompt_length, cfg.data.max_pixels
+        )
+        self.tokenizer = self.processor.tokenizer
+        steps_per_epoch = len(self.examples) // cfg.data.train_batch_size
+        self.total_steps = cfg.trainer.total_training_steps or steps_per_epoch * cfg.trainer.total_epochs
+        self.run_dir = Path(cfg.trainer.default_local_dir)
+
+        init_ray(cfg)
+        gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+        plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+        learner_cfg = {
+            **plain(cfg.learner),
+            "actor": plain(cfg.actor),
+            "rollout_temperature": cfg.rollout.temperature,
+        }
+        self.learners = worker_group(
+            LearnerWorker, cfg.learner.num_workers, gpu, _threads(cfg, 1), OmegaConf.create(learner_cfg)
+        )
+        self.rollouts = worker_group(
+            RolloutWorker,
+            cfg.rollout.num_workers,
+            gpu,
+            _threads(cfg, cfg.rollout.num_workers),
+            OmegaConf.create(plain(cfg.rollout)),
+        )
+        self.rewarder = worker_group(RewardWorker, 1, False, 1, OmegaConf.create(plain(cfg.reward)))
+        model_path = str(Path(cfg.model.path).resolve())
+        self.learners.init_model(model_path)
+        self.rollouts.init_model(model_path)
+        self.rewarder.init_reward()
+        self.logger = MetricLogger(cfg, self.run_dir)
+
+    def batches(self):
+        """Yields batches of examples, epoch after epoch, reshuffled each epoch (deterministic by seed)."""
+        size, rng = self.cfg.data.train_batch_size, random.Random(self.cfg.data.seed)
+        while True:
+            order = list(range(len(self.examples)))
+            if self.cfg.data.shuffle:
+                rng.shuffle(order)
+            for start in range(0, len(order) - size + 1, size):
+                yield [self.examples[i] for i in order[start : start + size]]
+
+    def fit(self) -> Path:
+        batches = self.batches()
+        for step in tqdm(range(1, self.total_steps + 1), desc="grpo", dynamic_ncols=True):
+            metrics = self.step(next(batches), step)
+            self.logger.log(metrics, step)
+            if self.cfg.trainer.save_freq > 0 and step % self.cfg.trainer.save_freq == 0:
+                self.learners.save_checkpoint(str((self.run_dir / f"global_step_{step}").resolve()))
+        final = (self.run_dir / "final").resolve()
+        self.learners.save_checkpoint(str(final))
+        self.logger.finish()
+        return final
+
+    def step(self, examples: list[Example], step: int) -> dict[str, float]:
+        cfg, timing = self.cfg, {}
+        start = time.perf_counter()
+        with _timer(timing, "prepare"):
+            plan = plan_prompts(examples, self.processor.encode)
+        with _timer(timing, "rollout"):
+            responses = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
+        with _timer(timing, "forward"):
+            data, prompt_index = self.sequences(plan, responses)
+            data.meta_info["seed"] = step
+            padded, pad = pad_dataproto_to_divisor(data, cfg.learner.num_workers)
+            if pad:  # padded rows repeat real ones; a zero mask keeps them out of every loss
+                padded.batch["response_mask"][-pad:] = 0
+            out = self.learners.compute_log_prob(padded)[: len(data)]
+            data.union(out)
+            if cfg.actor.use_kl_loss:
+                data.union(self.learners.compute_ref_log_prob(padded)[: len(data)])
+        with _timer(timing, "reward"):
+            texts = self.tokenizer.batch_decode([r for group in responses for r in group])
+            batch = RewardBatch(
+                embeddings=data.batch["embeddings"].float(),
+                responses=texts,
+                prompt_index=prompt_index,
+                has_gen_emb=data.batch["has_gen_emb"].bool(),
+                roles=plan.roles,
+                positives=plan.positives,
+                negatives=plan.negatives,
+                in_batch_negatives=plan.in_batch_negatives,
+            )
+            scores = self.rewarder.score(batch)[0]
+        mask = data.batch["response_mask"]
+        token_rewards = torch.zeros(mask.shape, dtype=torch.float32)
+        token_rewards[torch.arange(len(mask)), (mask.sum(1) - 1).clamp(min=0)] = scores["reward"]
+        advantages, _ = compute_grpo_outcome_advantage(
+            token_rewards,
+            mask,
+            prompt_index.numpy(),
+            norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo,
+        )
+        data.batch["advantages"] = advantages
+        with _timer(timing, "update"):
+            padded, pad = pad_dataproto_to_divisor(data, cfg.learner.num_workers)
+            if pad:
+                padded.batch["response_mask"][-pad:] = 0
+            update_metrics = self.learners.update_actor(padded).meta_info["metrics"]
+        with _timer(timing, "sync"):
+            self.sync_weights()
+        timing["step"] = time.perf_counter() - start
+        return self.step_metrics(plan, data, prompt_index, scores, update_metrics, timing)
+
+    def rollout(self, plan: StepPrompts, seed: int) -> list[list[list[int]]]:
+        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order."""
+        workers = self.rollouts.world_size
+        chunks = [list(c) for c in np.array_split(np.arange(len(plan.prompts)), workers)]
+        results = self.rollouts.generate([[plan.prompts[i] for i in c] for c in chunks], [seed] * workers)
+        self.last_rollout_seconds = max(r["seconds"] for r in results)
+        return [group for r in results for group in r["responses"]]
+
+    def sequences(
+        self, plan: StepPrompts, responses: list[list[list[int]]]
+    ) -> tuple[DataProto, torch.Tensor]:
+        prompt_index = torch.tensor([p for p, group in enumerate(responses) for _ in group], dtype=torch.long)
+        prompts = [plan.prompts[p] for p in prompt_index.tolist()]
+        flat = [r for group in responses for r in group]
+        tensors = pack_sequences(prompts, flat, self.processor.pad_id)
+        objects = np.empty(len(prompts), dtype=object)
+        objects[:] = prompts
+        return DataProto.from_dict(tensors=tensors, non_tensors={"prompt": objects}), prompt_index
+
+    def sync_weights(self) -> None:
+        """Learner -> every rollout worker; one copy in the object store, shared by all workers."""
+        state = self.learners.full_state_dict()[0]
+        self.rollouts.load_weights(ray.put(state))
+
+    def step_metrics(self, plan, data, prompt_index, scores, update_metrics, timing) -> dict[str, float]:
+        mask = data.batch["response_mask"].float()
+        masked_mean = lambda x: float((x * mask).sum() / mask.sum().clamp(min=1))  # noqa: E731
+        emb = data.batch["embeddings"].float()
+        metrics = {f"reward/{k}": float(v.mean()) for k, v in scores.items()}
+        metrics.update(update_metrics)
+        generated = float(mask.sum())
+        metrics.update(
+            {
+                "embedding/in_batch_hit@1": in_batch_hit_at_1(emb, prompt_index, plan),
+                "embedding/within_group_cosine": within_group_cosine(emb, prompt_index),
+                "embedding/has_gen_emb": float(data.batch["has_gen_emb"].float().mean()),
+                "response/length_mean": float(mask.sum(1).mean()),
+                "actor/entropy": masked_mean(data.batch["entropy"]),
+                "rollout/tokens_per_s": generated / max(self.last_rollout_seconds, 1e-9),
+                "perf/tokens_per_s": float(data.batch["attention_mask"].sum()) / timing["step"],
+            }
+        )
+        if self.cfg.actor.use_kl_loss:
+            kl = kl_penalty(
+                data.batch["old_log_probs"], data.batch["ref_log_prob"], self.cfg.actor.kl_loss_type
+            )
+            metrics["actor/kl_to_ref"] = masked_mean(kl)
+        metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        return metrics
+
+
+@contextmanager
+def _timer(timing: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timing[name] = time.perf_counter() - start
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+@hydra.main(config_path="../configs", config_name="grpo", version_base=None)
+def main(cfg: DictConfig) -> None:
+    final = GRPOTrainer(cfg).fit()
+    print(f"final checkpoint: {final}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Learner worker: the FSDP2 policy (GRPO actor) and the frozen reference, in one Ray worker group.
+
+One forward of the policy gives the old log-probs and the generative embeddings; `update_actor`
+applies PPO-clip + KL(low_var_kl) to the reference with verl's core_algos, averaged over the global
+mini-batch so the loss does not depend on the number of ranks or micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from verl import DataProto
+from verl.single_controller.base import Worker
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
+
+from ume_r1.batch import media_inputs
+from ume_r1.model import load_image_processor, load_model, resolve_device, resolve_dtype
+from ume_r1.policy import EmbeddingPolicy
+from ume_r1.template import GEN_EMB
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask")
+
+
+def shard(policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype) -> EmbeddingPolicy:
+    """FSDP2: each decoder / vision block is its own unit, the wrapper is the root."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    inner = policy.model.model
+    for block in [*inner.language_model.layers, *inner.visual.blocks]:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    return fully_shard(policy, mesh=mesh, mp_policy=mp)
+
+
+class LearnerWorker(Worker):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_model(self, model_path: str) -> None:
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes exactly this worker's GPU
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        param_dtype = resolve_dtype(cfg.dtype, self.device)
+        self.model_path = model_path
+
+        # Master weights stay fp32; FSDP casts to param_dtype for compute.
+        model, self.tokenizer = load_model(model_path, self.device, torch.float32)
+        if cfg.freeze_vision_tower:
+            model.model.visual.requires_grad_(False)
+        self.gen_emb_id = self.tokenizer.convert_tokens_to_ids(GEN_EMB)
+        self.hf_config = model.config
+        self.policy = shard(EmbeddingPolicy(model, self.gen_emb_id), mesh, param_dtype)
+        optim = cfg.actor.optim
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            weight_decay=optim.weight_decay,
+        )
+        warmup = max(1, int(optim.lr_warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
+
+        self.ref = None
+        if cfg.actor.use_kl_loss:
+            ref_model, _ = load_model(model_path, self.device, torch.float32)
+            ref_model.requires_grad_(False)
+            self.ref = shard(EmbeddingPolicy(ref_model, self.gen_emb_id), mesh, param_dtype).eval()
+
+    def _forward(self, module, data: DataProto, with_entropy: bool) -> dict[str, torch.Tensor]:
+        batch = {k: data.batch[k].to(self.device) for k in SEQUENCE_KEYS}
+        media = {k: v.to(self.device) for k, v in media_inputs(list(data.non_tensor_batch["prompt"])).items()}
+        return module(
+            **batch, **media, temperature=self.config.rollout_temperature, with_entropy=with_entropy
+        )
+
+    def _micro_batches(self, data: DataProto) -> list[DataProto]:
+        return data.split(self.config.actor.micro_batch_size_per_gpu)
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
+    @torch.no_grad()
+    def compute_log_prob(self, data: DataProto) -> DataProto:
+        """Old log-probs, entropy and generative embeddings of the responses, in one forward."""
+        self.policy.eval()
+        outs = [self._forward(self.policy, mb, with_entropy=True) for mb in self._micro_batches(data)]
+        merged = {k: torch.cat([o[k] for o in outs]).cpu() for k in outs[0]}
+        return DataProto.from_dict(
+            tensors={
+                "old_log_probs": merged["log_probs"],
+                "entropy": merged["entropy"],
+                "embeddings": merged["embeddings"],
+                "has_gen_emb": merged["has_gen_emb"],
+            }
+        )
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
+    @torch.no_grad()
+    def compute_ref_log_prob(self, data: DataProto) -> DataProto:
+        outs = [
+            self._forward(self.ref, mb, with_entropy=False)["log_probs"] for mb in self._micro_batches(data)
+        ]
+        return DataProto.from_dict(tensors={"ref_log_prob": torch.cat(outs).cpu()})
+
+    def _global_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
+    def update_actor(self, data: DataProto) -> DataProto:
+        """PPO epochs over mini-batches; gradients accumulate over micro-batches."""
+        cfg = self.config.actor
+        self.policy.train()
+        policy_loss = get_policy_loss_fn(cfg.policy_loss)
+        mini_size = cfg.ppo_mini_batch_size or len(data)
+        metrics: dict[str, list[float]] = {}
+        generator = torch.Generator().manual_seed(int(data.meta_info.get("seed", 0)))
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(data), generator=generator) if cfg.shuffle else torch.arange(len(data))
+            shuffled = data.select_idxs(order.numpy())
+            for mini in shuffled.split(mini_size):
+                loss_config = OmegaConf.create(
+                    {
+                        "clip_ratio": cfg.clip_ratio,
+                        "clip_ratio_low": cfg.clip_ratio_low,
+                        "clip_ratio_high": cfg.clip_ratio_high,
+                        "clip_ratio_c": cfg.clip_ratio_c,
+                        "global_batch_info": {
+                            "dp_size": self.world_size,
+                            "batch_num_tokens": self._global_sum(float(mini.batch["response_mask"].sum())),
+                            "global_batch_size": self._global_sum(float(len(mini))),
+                        },
+                    }
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in self._micro_batches(mini):
+                    step = self._micro_step(micro, policy_loss, loss_config)
+                    for k, v in step.items():
+                        metrics.setdefault(k, []).append(v)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                metrics.setdefault("actor/grad_norm", []).append(float(grad_norm))
+                self.scheduler.step()
+        summary = {k: float(np.mean(v)) for k, v in metrics.items()}
+        summary["actor/lr"] = self.scheduler.get_last_lr()[0]
+        return DataProto(meta_info={"metrics": summary})
+
+    def _micro_step(self, micro: DataProto, policy_loss, loss_config) -> dict[str, float]:
+        cfg = self.config.actor
+        out = self._forward(self.policy, micro, with_entropy=False)
+        mask = micro.batch["response_mask"].to(self.device).float()
+        log_prob = out["log_probs"]
+        pg_loss, pg_metrics = policy_loss(
+            old_log_prob=micro.batch["old_log_probs"].to(self.device),
+            log_prob=log_prob,
+            advantages=micro.batch["advantages"].to(self.device),
+            response_mask=mask,
+            loss_agg_mode=cfg.loss_agg_mode,
+            config=loss_config,
+        )
+        loss = pg_loss
+        metrics = {**pg_metrics, "actor/pg_loss": float(pg_loss.detach())}
+        if self.ref is not None:
+            kl = kl_penalty(log_prob, micro.batch["ref_log_prob"].to(self.device), cfg.kl_loss_type)
+            kl_loss = agg_loss(kl, mask, cfg.loss_agg_mode, **loss_config.global_batch_info)
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            metrics["actor/kl_loss"] = float(kl_loss.detach())
+        loss.backward()
+        return metrics
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights under HF names, on CPU; empty on ranks other than 0."""
+        sd = get_model_state_dict(
+            self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return {k.removeprefix("model."): v for k, v in sd.items()}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._full_state_dict()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, out_dir: str) -> str:
+        """An HF directory (safetensors + tokenizer + image processor), written to a temporary name and
+        renamed, so a crash never leaves a half-written checkpoint under the final name."""
+        from transformers import Qwen2VLForConditionalGeneration
+
+        state = self._full_state_dict()
+        if self.rank == 0:
+            out = Path(out_dir)
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with torch.device("meta"):
+                model = Qwen2VLForConditionalGeneration._from_config(self.hf_config)
+            model.load_state_dict(state, assign=True)
+            model.generation_config = model.generation_config.from_pretrained(self.model_path)
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            load_image_processor(self.model_path).save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        dist.barrier()
+        return out_dir

@@ -1,0 +1,24 @@
+"""Reward worker: applies the configured reward plugin (`rewards/<name>.py`) to a step's embeddings."""
+
+from __future__ import annotations
+
+import torch
+from verl.single_controller.base import Worker
+from verl.single_controller.base.decorator import Dispatch, register
+
+from ume_r1.reward_api import RewardBatch, load_reward
+
+
+class RewardWorker(Worker):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_reward(self) -> str:
+        self.reward_fn = load_reward(self.config.name, self.config.path)
+        return self.config.name
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def score(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
+        return self.reward_fn(batch, **dict(self.config.kwargs or {}))
