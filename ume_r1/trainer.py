@@ -175,21 +175,15 @@ class GRPOTrainer:
                 in_batch_negatives=plan.in_batch_negatives,
             )
             scores = self.rewarder.score(batch)[0]
-        mask = data.batch["response_mask"]
-        token_rewards = torch.zeros(mask.shape, dtype=torch.float32)
-        token_rewards[torch.arange(len(mask)), (mask.sum(1) - 1).clamp(min=0)] = scores["reward"]
-        advantages, _ = compute_grpo_outcome_advantage(
-            token_rewards,
-            mask,
-            prompt_index.numpy(),
-            norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo,
+        data.batch["advantages"] = grpo_advantages(
+            scores["reward"], data.batch["response_mask"], prompt_index, cfg.algorithm.norm_adv_by_std_in_grpo
         )
-        data.batch["advantages"] = advantages
         with _timer(timing, "update"):
             padded, pad = pad_dataproto_to_divisor(data, cfg.learner.num_workers)
             if pad:
                 padded.batch["response_mask"][-pad:] = 0
-            update_metrics = self.learners.update_actor(padded).meta_info["metrics"]
+            per_rank = self.learners.update_actor(padded).meta_info["metrics"]
+            update_metrics = {k: float(np.mean(v)) for k, v in per_rank.items()}  # lists of per-rank values
         with _timer(timing, "sync"):
             self.sync_weights()
         timing["step"] = time.perf_counter() - start
@@ -244,6 +238,20 @@ class GRPOTrainer:
             metrics["actor/kl_to_ref"] = masked_mean(kl)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         return metrics
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, response_mask: torch.Tensor, prompt_index: torch.Tensor, norm_by_std: bool = True
+) -> torch.Tensor:
+    """GRPO outcome advantages (verl core_algos): each response's reward, normalised within the G
+    responses of its prompt, broadcast over its response tokens."""
+    token_rewards = torch.zeros(response_mask.shape, dtype=torch.float32)
+    last = (response_mask.sum(1) - 1).clamp(min=0)
+    token_rewards[torch.arange(len(response_mask)), last] = rewards.float()
+    advantages, _ = compute_grpo_outcome_advantage(
+        token_rewards, response_mask, prompt_index.numpy(), norm_adv_by_std_in_grpo=norm_by_std
+    )
+    return advantages
 
 
 @contextmanager

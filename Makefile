@@ -1,0 +1,47 @@
+# Everything a fresh machine needs, from nothing: `make grpo` (the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned, so nothing later pulls a multi-GB CUDA build onto a CPU box; on a GPU box
+# set TORCH to the CUDA build you want (e.g. TORCH="torch==2.9.1").
+TORCH ?= torch==2.13.0
+ARTIFACTS ?= artifacts
+TINY_MODEL := $(ARTIFACTS)/tiny-qwen2-vl
+SYNTHETIC := $(ARTIFACTS)/synthetic
+export PATH := $(abspath $(BIN)):$(PATH)
+export WANDB_MODE ?= offline
+
+.PHONY: setup data tiny-model grpo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+$(SYNTHETIC)/train.parquet: $(BIN)/.installed ume_r1/synthetic.py
+	$(BIN)/python -m ume_r1.synthetic --out $(SYNTHETIC)
+
+$(TINY_MODEL)/config.json: $(BIN)/.installed ume_r1/model.py
+	$(BIN)/python -m ume_r1.model --out $(TINY_MODEL)
+
+data: $(SYNTHETIC)/train.parquet
+tiny-model: $(TINY_MODEL)/config.json
+
+grpo: data tiny-model
+	bash recipes/ume_r1_grpo.sh profile=tiny model.path=$(TINY_MODEL) data.train_files=$(SYNTHETIC)/train.parquet
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: data tiny-model
+	$(BIN)/python benchmarks/grpo_tiny.py
+
+clean:
+	rm -rf $(ARTIFACTS) runs
