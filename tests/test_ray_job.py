@@ -61,13 +61,31 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="ume-ray-", dir="/tmp")  # short: Ray's socket paths have a length cap
     dash_port = free_port()
     # Token auth stays on; `ray start` and `ray job submit` must agree on the mode (Ray 2.60).
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+    }
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed in finally
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            "--num-cpus=4",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{dash_port}"
     try:
@@ -93,11 +111,28 @@ def test_recipe_runs_as_ray_job(ray_head, tiny_model_dir, synthetic_dir, tmp_pat
     url, env = ray_head
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-         "bash", "recipes/ume_r1_grpo.sh", "profile=tiny", f"model.path={tiny_model_dir}",
-         f"data.train_files={synthetic_dir['train']}", f"trainer.default_local_dir={run_dir}",
-         "trainer.total_training_steps=2", "trainer.logger=[console]"],
-        env=env, capture_output=True, text=True, timeout=480,
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "bash",
+            "recipes/ume_r1_grpo.sh",
+            "profile=tiny",
+            f"model.path={tiny_model_dir}",
+            f"data.train_files={synthetic_dir['train']}",
+            f"trainer.default_local_dir={run_dir}",
+            "trainer.total_training_steps=2",
+            "trainer.logger=[console]",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

@@ -27,7 +27,7 @@ from ume_r1.batch import pack_sequences
 from ume_r1.data import Example, load_examples
 from ume_r1.grouping import StepPrompts, plan_prompts
 from ume_r1.logger import MetricLogger
-from ume_r1.processor import UMEProcessor
+from ume_r1.processor import EncodedPrompt, UMEProcessor
 from ume_r1.reward_api import RewardBatch, available_rewards
 from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
 from workers.learner import LearnerWorker
@@ -100,23 +100,17 @@ class GRPOTrainer:
 
         init_ray(cfg)
         gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
-        plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-        learner_cfg = {
-            **plain(cfg.learner),
-            "actor": plain(cfg.actor),
-            "rollout_temperature": cfg.rollout.temperature,
-        }
         self.learners = worker_group(
-            LearnerWorker, cfg.learner.num_workers, gpu, _threads(cfg, 1), OmegaConf.create(learner_cfg)
+            LearnerWorker, cfg.learner.num_workers, gpu, _threads(cfg, 1), learner_config(cfg)
         )
         self.rollouts = worker_group(
             RolloutWorker,
             cfg.rollout.num_workers,
             gpu,
             _threads(cfg, cfg.rollout.num_workers),
-            OmegaConf.create(plain(cfg.rollout)),
+            _plain(cfg.rollout),
         )
-        self.rewarder = worker_group(RewardWorker, 1, False, 1, OmegaConf.create(plain(cfg.reward)))
+        self.rewarder = worker_group(RewardWorker, 1, False, 1, _plain(cfg.reward))
         model_path = str(Path(cfg.model.path).resolve())
         self.learners.init_model(model_path)
         self.rollouts.init_model(model_path)
@@ -153,7 +147,7 @@ class GRPOTrainer:
         with _timer(timing, "rollout"):
             responses = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
         with _timer(timing, "forward"):
-            data, prompt_index = self.sequences(plan, responses)
+            data, prompt_index = build_sequences(plan.prompts, responses, self.processor.pad_id)
             data.meta_info["seed"] = step
             padded, pad = pad_dataproto_to_divisor(data, cfg.learner.num_workers)
             if pad:  # padded rows repeat real ones; a zero mask keeps them out of every loss
@@ -197,17 +191,6 @@ class GRPOTrainer:
         self.last_rollout_seconds = max(r["seconds"] for r in results)
         return [group for r in results for group in r["responses"]]
 
-    def sequences(
-        self, plan: StepPrompts, responses: list[list[list[int]]]
-    ) -> tuple[DataProto, torch.Tensor]:
-        prompt_index = torch.tensor([p for p, group in enumerate(responses) for _ in group], dtype=torch.long)
-        prompts = [plan.prompts[p] for p in prompt_index.tolist()]
-        flat = [r for group in responses for r in group]
-        tensors = pack_sequences(prompts, flat, self.processor.pad_id)
-        objects = np.empty(len(prompts), dtype=object)
-        objects[:] = prompts
-        return DataProto.from_dict(tensors=tensors, non_tensors={"prompt": objects}), prompt_index
-
     def sync_weights(self) -> None:
         """Learner -> every rollout worker; one copy in the object store, shared by all workers."""
         state = self.learners.full_state_dict()[0]
@@ -238,6 +221,32 @@ class GRPOTrainer:
             metrics["actor/kl_to_ref"] = masked_mean(kl)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         return metrics
+
+
+def build_sequences(
+    prompts: list[EncodedPrompt], responses: list[list[list[int]]], pad_id: int
+) -> tuple[DataProto, torch.Tensor]:
+    """The learner's batch: prompt p followed by each of its responses; returns the prompt index too."""
+    prompt_index = torch.tensor([p for p, group in enumerate(responses) for _ in group], dtype=torch.long)
+    per_sequence = [prompts[p] for p in prompt_index.tolist()]
+    flat = [r for group in responses for r in group]
+    objects = np.empty(len(per_sequence), dtype=object)
+    objects[:] = per_sequence
+    tensors = pack_sequences(per_sequence, flat, pad_id)
+    return DataProto.from_dict(tensors=tensors, non_tensors={"prompt": objects}), prompt_index
+
+
+def learner_config(cfg: DictConfig) -> DictConfig:
+    """What a learner worker needs: its own group, the actor's optimisation settings, and the rollout
+    temperature (log-probs are of the sampling distribution)."""
+    return OmegaConf.create(
+        {**_plain(cfg.learner), "actor": _plain(cfg.actor), "rollout_temperature": cfg.rollout.temperature}
+    )
+
+
+def _plain(node: DictConfig) -> DictConfig:
+    """A resolved, detached copy (interpolations into other groups would not survive on a worker)."""
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
 
 
 def grpo_advantages(
