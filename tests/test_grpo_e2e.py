@@ -38,13 +38,21 @@ def local_ray():
     ray.shutdown()
 
 
-def test_two_grpo_steps_sync_and_checkpoint(tiny_model_dir, synthetic_dir, tmp_path, local_ray):
+LAYOUTS = [
+    pytest.param(["rollout.num_workers=2"], id="cpu-2-rollout-workers"),
+    pytest.param(["trainer.colocate_rollout=true", "rollout.num_workers=1"], id="cpu-colocated"),
+    pytest.param(
+        ["trainer.device=cuda", "trainer.colocate_rollout=true", "rollout.num_workers=1"],
+        id="cuda-colocated",
+        marks=pytest.mark.gpu,
+    ),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_dir, tmp_path, local_ray):
     cfg = grpo_config(
-        tiny_model_dir,
-        synthetic_dir["train"],
-        tmp_path / "run",
-        "trainer.total_training_steps=2",
-        "rollout.num_workers=2",
+        tiny_model_dir, synthetic_dir["train"], tmp_path / "run", "trainer.total_training_steps=2", *layout
     )
     trainer = GRPOTrainer(cfg)
     final = trainer.fit()
@@ -71,7 +79,7 @@ def test_two_grpo_steps_sync_and_checkpoint(tiny_model_dir, synthetic_dir, tmp_p
     for replica in trainer.rollouts.state_dict():
         assert replica.keys() == learner.keys()
         for name, tensor in learner.items():
-            assert torch.equal(replica[name], tensor), name
+            assert torch.equal(replica[name], tensor.to(replica[name].dtype)), name  # bf16 rollout on GPU
 
     load = Qwen2VLForConditionalGeneration.from_pretrained
     reloaded = load(final, local_files_only=True).state_dict()

@@ -43,8 +43,8 @@ def test_grpo_advantages_match_reference():
     assert torch.allclose(adv[1], adv[1, :1].expand(5))
 
 
-@pytest.fixture
-def learner(tiny_model_dir, monkeypatch):
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def learner(request, tiny_model_dir, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

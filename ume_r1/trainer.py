@@ -62,11 +62,12 @@ def _threads(cfg: DictConfig, concurrent: int) -> int:
     return max(1, (os.cpu_count() or 1) // concurrent)
 
 
-def worker_group(cls, count: int, use_gpu: bool, threads: int, config: dict) -> RayWorkerGroup:
-    pool = RayResourcePool([count], use_gpu=use_gpu, max_colocate_count=1)
-    actor_cls = ray.remote(runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}})(cls)
+def worker_group(cls, pool: RayResourcePool, threads: int, config: DictConfig) -> RayWorkerGroup:
     return RayWorkerGroup(
-        pool, RayClassWithInitArgs(cls=actor_cls, config=config), device_name="cuda" if use_gpu else "cpu"
+        pool,
+        RayClassWithInitArgs(cls=ray.remote(cls), config=config),
+        device_name="cuda" if pool.use_gpu else "cpu",
+        worker_env={**WORKER_ENV, "OMP_NUM_THREADS": str(threads)},
     )
 
 
@@ -99,18 +100,26 @@ class GRPOTrainer:
         self.run_dir = Path(cfg.trainer.default_local_dir)
 
         init_ray(cfg)
-        gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
-        self.learners = worker_group(
-            LearnerWorker, cfg.learner.num_workers, gpu, _threads(cfg, 1), learner_config(cfg)
+        gpu = cfg.trainer.device == "cuda" or (
+            cfg.trainer.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
         )
-        self.rollouts = worker_group(
-            RolloutWorker,
-            cfg.rollout.num_workers,
-            gpu,
-            _threads(cfg, cfg.rollout.num_workers),
-            _plain(cfg.rollout),
-        )
-        self.rewarder = worker_group(RewardWorker, 1, False, 1, _plain(cfg.reward))
+        learners, rollouts = cfg.learner.num_workers, cfg.rollout.num_workers
+        if cfg.trainer.colocate_rollout:
+            # verl's hybrid layout: rollout worker i shares learner rank i's GPU (half each in Ray's books).
+            if rollouts != learners:
+                raise ValueError(
+                    f"trainer.colocate_rollout needs rollout.num_workers == learner.num_workers "
+                    f"({rollouts} != {learners})"
+                )
+            learner_pool = rollout_pool = RayResourcePool([learners], use_gpu=gpu, max_colocate_count=2)
+        else:
+            learner_pool = RayResourcePool([learners], use_gpu=gpu, max_colocate_count=1)
+            rollout_pool = RayResourcePool([rollouts], use_gpu=gpu, max_colocate_count=1)
+        self.learners = worker_group(LearnerWorker, learner_pool, _threads(cfg, 1), learner_config(cfg))
+        rollout_threads = _threads(cfg, rollouts)
+        self.rollouts = worker_group(RolloutWorker, rollout_pool, rollout_threads, _plain(cfg.rollout))
+        reward_pool = RayResourcePool([1], use_gpu=False, max_colocate_count=1)
+        self.rewarder = worker_group(RewardWorker, reward_pool, 1, _plain(cfg.reward))
         model_path = str(Path(cfg.model.path).resolve())
         self.learners.init_model(model_path)
         self.rollouts.init_model(model_path)

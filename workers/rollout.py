@@ -16,7 +16,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 from ume_r1.batch import collate_prompts, mm_token_type_ids
 from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.processor import EncodedPrompt
-from ume_r1.template import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from ume_r1.template import GEN_EMB, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 BACKENDS = ("hf",)
 
@@ -31,7 +31,10 @@ class HFRollout:
         self.model.eval()
         vocab = self.tokenizer.get_vocab()
         self.pad_id = self.tokenizer.pad_token_id
-        self.stop_ids = [vocab["<gen_emb>"], self.tokenizer.eos_token_id]
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        # `<gen_emb>` ends a response; so do the checkpoint's end-of-turn / end-of-text tokens.
+        self.stop_ids = list(dict.fromkeys([vocab[GEN_EMB], self.tokenizer.eos_token_id, *eos]))
         # Vision placeholders are filled from pixels; sampling them would corrupt the next forward pass.
         self.suppressed = [vocab[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)]
 
