@@ -114,7 +114,6 @@ def main() -> int:
 
     out = (args.out_dir or Path(tempfile.mkdtemp(prefix="grpo_tiny_"))).resolve()
     cmd = ["bash", "recipes/ume_r1_grpo.sh", "profile=tiny", f"trainer.default_local_dir={out}"]
-    cmd += ["trainer.logger=[console,wandb]"]
     cmd += [f"trainer.total_training_steps={args.steps}"] if args.steps is not None else []
     cmd += args.extra
     print("$", " ".join(cmd), flush=True)
