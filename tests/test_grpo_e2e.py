@@ -95,3 +95,20 @@ def test_unknown_reward_lists_available(tiny_model_dir, synthetic_dir, tmp_path)
     cfg = grpo_config(tiny_model_dir, synthetic_dir["train"], tmp_path / "run", "reward.name=nope")
     with pytest.raises(ValueError, match=r"reward.name='nope' is unknown; available: .*'ume'"):
         GRPOTrainer(cfg)
+
+
+def test_bad_row_is_named_or_skipped(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(synthetic_dir["train"]).to_pylist()
+    table[3]["query"]["images"] = [{"bytes": None, "path": "missing.png"}]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(synthetic_dir["train"]).from_pylist(table), bad)
+    cfg = grpo_config(tiny_model_dir, str(bad), tmp_path / "run", "reward.name=nope")
+    with pytest.raises(ValueError, match=r"bad.parquet row 3: query image file 'missing.png'"):
+        GRPOTrainer(cfg)
+    # With skip, loading goes on (and stops here at the unknown reward, before any Ray work).
+    cfg = grpo_config(tiny_model_dir, str(bad), tmp_path / "run", "data.on_bad_row=skip", "reward.name=nope")
+    with pytest.raises(ValueError, match="reward.name='nope'"):
+        GRPOTrainer(cfg)
+    assert "skipped 1 of 48 rows" in capsys.readouterr().out

@@ -74,10 +74,6 @@ def worker_group(cls, pool: RayResourcePool, threads: int, config: DictConfig) -
 class GRPOTrainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        if cfg.reward.path is None and cfg.reward.name not in available_rewards():
-            raise ValueError(
-                f"reward.name={cfg.reward.name!r} is unknown; available: {sorted(available_rewards())}"
-            )
         self.examples, report = load_examples(
             list(_as_list(cfg.data.train_files)), cfg.data.image_root, cfg.data.on_bad_row
         )
@@ -90,6 +86,10 @@ class GRPOTrainer:
             raise ValueError(
                 f"data.train_batch_size={cfg.data.train_batch_size} but only "
                 f"{len(self.examples)} usable rows in {cfg.data.train_files}"
+            )
+        if cfg.reward.path is None and cfg.reward.name not in available_rewards():
+            raise ValueError(
+                f"reward.name={cfg.reward.name!r} is unknown; available: {sorted(available_rewards())}"
             )
         self.processor = UMEProcessor.from_pretrained(
             cfg.model.path, cfg.data.max_prompt_length, cfg.data.max_pixels
