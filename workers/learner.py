@@ -19,7 +19,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from verl import DataProto
-from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
@@ -27,6 +26,7 @@ from ume_r1.batch import media_inputs
 from ume_r1.model import load_image_processor, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.template import GEN_EMB
+from workers.base import ConfiguredWorker
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask")
 
@@ -40,12 +40,7 @@ def shard(policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype) -> EmbeddingP
     return fully_shard(policy, mesh=mesh, mp_policy=mp)
 
 
-class LearnerWorker(Worker):
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.config = config
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-
+class LearnerWorker(ConfiguredWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self, model_path: str) -> None:
         cfg = self.config

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import torch
-from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
 from ume_r1.reward_api import RewardBatch, load_reward
+from workers.base import ConfiguredWorker
 
 
-class RewardWorker(Worker):
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.config = config
-
+class RewardWorker(ConfiguredWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_reward(self) -> str:
         self.reward_fn = load_reward(self.config.name, self.config.path)

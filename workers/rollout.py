@@ -6,17 +6,16 @@ of a step across workers and pushes the learner's weights after every update.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
-from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
 from ume_r1.batch import collate_prompts, mm_token_type_ids
 from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.processor import EncodedPrompt
 from ume_r1.template import GEN_EMB, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from workers.base import ConfiguredWorker
 
 BACKENDS = ("hf",)
 
@@ -77,12 +76,7 @@ class HFRollout:
         self.model.load_state_dict(state_dict, strict=True)
 
 
-class RolloutWorker(Worker):
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.config = config
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-
+class RolloutWorker(ConfiguredWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self, model_path: str) -> None:
         cfg = self.config
