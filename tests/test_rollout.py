@@ -26,7 +26,7 @@ def rollout(request, tiny_model_dir):
         }
     )
     device = torch.device(request.param)
-    return HFRollout(tiny_model_dir, config, device, resolve_dtype("auto", device))
+    return HFRollout.load(tiny_model_dir, config, device, resolve_dtype("auto", device))
 
 
 def test_samples_per_prompt_stop_and_suppression(rollout, tiny_model_dir, synthetic_dir):

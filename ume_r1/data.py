@@ -16,9 +16,9 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -28,6 +28,7 @@ NATIVE_COLUMNS = {"query", "positive"}
 MMEB_COLUMNS = {"qry", "qry_image_path", "pos_text", "pos_image_path"}
 # MMEB texts mark the image slot; our template puts media first, so the marker is dropped.
 _PLACEHOLDER_RE = re.compile(r"<\|image_\d+\|>\n?")
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,8 +68,8 @@ class BadRowError(ValueError):
     """A row that cannot be loaded; the message names the file, the row and the key or file at fault."""
 
 
-class _RowProblem(Exception):
-    """Raised inside row parsing; turned into a BadRowError carrying file and row."""
+class RowProblem(Exception):
+    """Raised inside row parsing; `load_rows` turns it into a BadRowError carrying file and row."""
 
 
 def _open_image(source: str | bytes, what: str, shown: str) -> Image.Image:
@@ -77,9 +78,9 @@ def _open_image(source: str | bytes, what: str, shown: str) -> Image.Image:
             img.load()
             return img.convert("RGB")
     except FileNotFoundError as e:
-        raise _RowProblem(f"{what} {shown} not found") from e
+        raise RowProblem(f"{what} {shown} not found") from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise _RowProblem(f"{what} {shown} is unreadable: {e}") from e
+        raise RowProblem(f"{what} {shown} is unreadable: {e}") from e
 
 
 def _load_media(entries: list[dict[str, Any]] | None, root: str, what: str) -> list[Image.Image]:
@@ -91,7 +92,7 @@ def _load_media(entries: list[dict[str, Any]] | None, root: str, what: str) -> l
         elif path:
             frames.append(_open_image_path(path, root, f"{what} file"))
         else:
-            raise _RowProblem(f"{what} {k} has neither bytes nor path")
+            raise RowProblem(f"{what} {k} has neither bytes nor path")
     return frames
 
 
@@ -103,11 +104,12 @@ def _open_image_path(path: str, root: str, what: str) -> Image.Image:
 
 def _checked(side: Side, name: str) -> Side:
     if side.is_empty():
-        raise _RowProblem(f"{name} side is empty (no text, images or video)")
+        raise RowProblem(f"{name} side is empty (no text, images or video)")
     return side
 
 
-def _native_side(value: dict[str, Any] | None, root: str, name: str) -> Side:
+def native_side(value: dict[str, Any] | None, root: str, name: str) -> Side:
+    """Parse one native side struct into a `Side`; raises `RowProblem` naming `name` when bad or empty."""
     value = value or {}
     video = _load_media(value.get("video"), root, f"{name} video frame")
     side = Side(
@@ -120,11 +122,11 @@ def _native_side(value: dict[str, Any] | None, root: str, name: str) -> Side:
 
 def _native_row(row: dict[str, Any], root: str, index: int) -> Example:
     negatives = [
-        _native_side(neg, root, f"negatives[{k}]") for k, neg in enumerate(row.get("negatives") or [])
+        native_side(neg, root, f"negatives[{k}]") for k, neg in enumerate(row.get("negatives") or [])
     ]
     return Example(
-        query=_native_side(row.get("query"), root, "query"),
-        positive=_native_side(row.get("positive"), root, "positive"),
+        query=native_side(row.get("query"), root, "query"),
+        positive=native_side(row.get("positive"), root, "positive"),
         negatives=negatives,
         task=row.get("task") or "retrieval",
         row=index,
@@ -145,6 +147,59 @@ def _mmeb_row(row: dict[str, Any], root: str, index: int) -> Example:
     return Example(query=query, positive=positive, negatives=negatives, task="mmeb", row=index)
 
 
+RowParser = Callable[[dict[str, Any], str, int], T]
+
+
+def load_rows(
+    paths: str | Sequence[str],
+    pick_parser: Callable[[str, set[str]], RowParser[T]],
+    image_root: str | None = None,
+    on_bad_row: str = "raise",
+) -> tuple[list[T], LoadReport]:
+    """Parse every row of one or more parquet files with the parser `pick_parser(path, columns)` returns.
+
+    The parser gets ``(row, image_root, index)`` and raises `RowProblem` for a bad row; `pick_parser`
+    raises ValueError for a column layout it does not know. Relative image paths resolve against
+    `image_root`, else the parquet file's directory. With ``on_bad_row="raise"`` a bad row raises
+    `BadRowError` naming file and row; with ``"skip"`` it is skipped and its message recorded.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    items: list[T] = []
+    report = LoadReport(rows=0, loaded=0, skipped=0)
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        parse = pick_parser(path, set(parquet.schema_arrow.names))
+        root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+        index = 0
+        for batch in parquet.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                report.rows += 1
+                try:
+                    items.append(parse(row, root, index))
+                    report.loaded += 1
+                except RowProblem as e:
+                    message = f"{path} row {index}: {e}"
+                    if on_bad_row == "raise":
+                        raise BadRowError(message) from e
+                    report.skipped += 1
+                    report.reasons.append(message)
+                index += 1
+    return items, report
+
+
+def _example_parser(path: str, columns: set[str]) -> RowParser[Example]:
+    if columns >= NATIVE_COLUMNS:
+        return _native_row
+    if columns >= MMEB_COLUMNS:
+        return _mmeb_row
+    raise ValueError(
+        f"{path}: unknown column layout; found columns {sorted(columns)}; expected native "
+        f"{sorted(NATIVE_COLUMNS)} (+ negatives, task) or MMEB-train {sorted(MMEB_COLUMNS)}"
+    )
+
+
 def load_examples(
     paths: str | Sequence[str], image_root: str | None = None, on_bad_row: str = "raise"
 ) -> tuple[list[Example], LoadReport]:
@@ -154,36 +209,4 @@ def load_examples(
     With ``on_bad_row="raise"`` a bad row raises `BadRowError`; with ``"skip"`` it is skipped and
     its message recorded in the report. An unknown column layout is always a ValueError.
     """
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    examples: list[Example] = []
-    report = LoadReport(rows=0, loaded=0, skipped=0)
-    for path in paths:
-        parquet = pq.ParquetFile(path)
-        columns = set(parquet.schema_arrow.names)
-        if columns >= NATIVE_COLUMNS:
-            parse = _native_row
-        elif columns >= MMEB_COLUMNS:
-            parse = _mmeb_row
-        else:
-            raise ValueError(
-                f"{path}: unknown column layout; found columns {sorted(columns)}; expected native "
-                f"{sorted(NATIVE_COLUMNS)} (+ negatives, task) or MMEB-train {sorted(MMEB_COLUMNS)}"
-            )
-        root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-        index = 0
-        for batch in parquet.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                report.rows += 1
-                try:
-                    examples.append(parse(row, root, index))
-                    report.loaded += 1
-                except _RowProblem as e:
-                    message = f"{path} row {index}: {e}"
-                    if on_bad_row == "raise":
-                        raise BadRowError(message) from e
-                    report.skipped += 1
-                    report.reasons.append(message)
-                index += 1
-    return examples, report
+    return load_rows(paths, _example_parser, image_root, on_bad_row)

@@ -37,7 +37,8 @@ _TINY_CORPUS_WORDS = (
     "red green blue yellow purple orange black white circle square triangle star shape colour color "
     "image picture photo shown object what which is the a an of in on with and this that it its "
     "question answer describe describes description represent summary think reasoning input query "
-    "target small large left right top bottom center background plain noisy video frame text"
+    "target small large left right top bottom center background plain noisy video frame text "
+    "The image shows a label says names the question asks for its colour word grey caption shape"
 )
 
 

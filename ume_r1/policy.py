@@ -30,13 +30,23 @@ def hidden_at(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return F.normalize(picked.float(), dim=-1)
 
 
+def disc_embeddings(hidden: torch.Tensor, prompt_ids: torch.Tensor, disc_emb_id: int) -> torch.Tensor:
+    """Normalised hidden state at the last `<disc_emb>` of each prompt (the template puts exactly one)."""
+    steps = torch.arange(prompt_ids.shape[1], device=prompt_ids.device).expand_as(prompt_ids)
+    index = torch.where(prompt_ids == disc_emb_id, steps, -1).max(dim=1).values
+    if bool((index < 0).any()):
+        raise ValueError("a prompt has no <disc_emb> token: was it built with the UME template?")
+    return hidden_at(hidden, index)
+
+
 class EmbeddingPolicy(nn.Module):
     """Wraps a Qwen2-VL causal LM so one call (and one FSDP root) yields everything the RL step needs."""
 
-    def __init__(self, model: nn.Module, gen_emb_id: int) -> None:
+    def __init__(self, model: nn.Module, gen_emb_id: int, disc_emb_id: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.gen_emb_id = gen_emb_id
+        self.disc_emb_id = disc_emb_id
         cfg = model.config
         self.image_pad_id, self.video_pad_id = cfg.image_token_id, cfg.video_token_id
 
@@ -67,7 +77,19 @@ class EmbeddingPolicy(nn.Module):
         if with_entropy:
             with torch.no_grad():
                 result["entropy"] = -(log_probs.exp() * log_probs).sum(-1)
+        if self.training and "pixel_values" not in media and "pixel_values_videos" not in media:
+            result["log_probs"] = result["log_probs"] + self._touch_vision_tower()
         index, has = gen_emb_positions(responses, response_mask, self.gen_emb_id)
         result["embeddings"] = hidden_at(hidden, index)
         result["has_gen_emb"] = has
+        if self.disc_emb_id is not None:
+            result["disc_embeddings"] = disc_embeddings(
+                out.last_hidden_state[:, :-width], input_ids[:, :-width], self.disc_emb_id
+            )
         return result
+
+    def _touch_vision_tower(self) -> torch.Tensor | float:
+        """Zero that depends on every trainable vision parameter: a text-only micro-batch then still
+        yields (zero) gradients for them, so all data-parallel ranks reduce the same parameters."""
+        params = [p for p in self.model.model.visual.parameters() if p.requires_grad]
+        return sum(p.sum() for p in params) * 0.0 if params else 0.0

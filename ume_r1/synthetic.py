@@ -12,6 +12,7 @@ import io
 import math
 import os
 import random
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,8 @@ def describe(colour: str, shape: str) -> str:
     return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
 
 
-def _side(text: str, image: bytes | None = None) -> dict[str, Any]:
+def side_struct(text: str, image: bytes | None = None) -> dict[str, Any]:
+    """One native side struct (see `SIDE`) with optional PNG bytes."""
     return {"text": text, "images": [{"bytes": image, "path": None}] if image else [], "video": []}
 
 
@@ -91,31 +93,57 @@ def _hard_negative(colour: str, shape: str, rnd: random.Random) -> tuple[str, st
     return colour, rnd.choice([s for s in SHAPES if s != shape])
 
 
-def _row(task: str, rnd: random.Random, rng: np.random.Generator, size: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RowSpec:
+    """The drawn attributes of one row, before rendering; shared with the SFT set (sft.synthetic_cot)."""
+
+    task: str
+    colour: str
+    shape: str
+    neg_colour: str
+    neg_shape: str
+    prompt: str = ""  # the query text next to the image (classification, vqa)
+    answer: str = ""  # vqa: the correct colour or shape
+    wrong: str = ""  # vqa: the wrong answer used as the negative
+
+
+def draw_row(task: str, rnd: random.Random) -> RowSpec:
+    """Draw one row's attributes from `rnd` (images are rendered separately from the numpy stream)."""
     colour, shape = rnd.choice(list(COLOURS)), rnd.choice(SHAPES)
     neg_colour, neg_shape = _hard_negative(colour, shape, rnd)
+    spec = RowSpec(task, colour, shape, neg_colour, neg_shape)
     if task == "classification":
-        query = _side(CLASSIFY_PROMPT, render(colour, shape, rng, size))
-        positive, negative = _side(describe(colour, shape)), _side(describe(neg_colour, neg_shape))
-    elif task == "vqa":
-        image = render(colour, shape, rng, size)
+        return replace(spec, prompt=CLASSIFY_PROMPT)
+    if task == "vqa":
         if rnd.random() < 0.5:
             wrong = rnd.choice([c for c in COLOURS if c != colour])
-            query, positive, negative = _side(COLOUR_QUESTION, image), _side(colour), _side(wrong)
-        else:
-            wrong = rnd.choice([s for s in SHAPES if s != shape])
-            query, positive, negative = _side(SHAPE_QUESTION, image), _side(shape), _side(wrong)
+            return replace(spec, prompt=COLOUR_QUESTION, answer=colour, wrong=wrong)
+        wrong = rnd.choice([s for s in SHAPES if s != shape])
+        return replace(spec, prompt=SHAPE_QUESTION, answer=shape, wrong=wrong)
+    return spec
+
+
+def _row(task: str, rnd: random.Random, rng: np.random.Generator, size: int) -> dict[str, Any]:
+    spec = draw_row(task, rnd)
+    if task == "classification":
+        query = side_struct(spec.prompt, render(spec.colour, spec.shape, rng, size))
+        positive = side_struct(describe(spec.colour, spec.shape))
+        negative = side_struct(describe(spec.neg_colour, spec.neg_shape))
+    elif task == "vqa":
+        query = side_struct(spec.prompt, render(spec.colour, spec.shape, rng, size))
+        positive, negative = side_struct(spec.answer), side_struct(spec.wrong)
     else:
-        query = _side(describe(colour, shape))
-        positive = _side("", render(colour, shape, rng, size))
-        negative = _side("", render(neg_colour, neg_shape, rng, size))
+        query = side_struct(describe(spec.colour, spec.shape))
+        positive = side_struct("", render(spec.colour, spec.shape, rng, size))
+        negative = side_struct("", render(spec.neg_colour, spec.neg_shape, rng, size))
     return {"query": query, "positive": positive, "negatives": [negative], "task": task}
 
 
-def _write_atomic(rows: list[dict[str, Any]], path: str) -> None:
+def write_atomic(rows: list[dict[str, Any]], path: str, schema: pa.Schema = SCHEMA) -> None:
+    """Write `rows` to parquet at `path` via a temp name and os.replace."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
         os.replace(tmp, path)  # readers never see a half-written file
     finally:
         if os.path.exists(tmp):
@@ -134,7 +162,7 @@ def make_synthetic(
         rng = np.random.default_rng(rnd.getrandbits(64))
         rows = [_row(TASKS[i % len(TASKS)], rnd, rng, image_size) for i in range(n)]
         paths[split] = os.path.join(out_dir, f"{split}.parquet")
-        _write_atomic(rows, paths[split])
+        write_atomic(rows, paths[split])
     return paths
 
 

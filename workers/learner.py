@@ -7,37 +7,23 @@ mini-batch so the loss does not depend on the number of ranks or micro-batches.
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from verl import DataProto
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
 from ume_r1.batch import media_inputs
-from ume_r1.model import load_image_processor, load_model, resolve_device, resolve_dtype
+from ume_r1.fsdp import full_state_dict, init_distributed, save_hf_checkpoint, shard
+from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.template import GEN_EMB
 from workers.base import ConfiguredWorker
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask")
-
-
-def shard(policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype) -> EmbeddingPolicy:
-    """FSDP2: each decoder / vision block is its own unit, the wrapper is the root."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    inner = policy.model.model
-    for block in [*inner.language_model.layers, *inner.visual.blocks]:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    return fully_shard(policy, mesh=mesh, mp_policy=mp)
 
 
 class LearnerWorker(ConfiguredWorker):
@@ -47,8 +33,7 @@ class LearnerWorker(ConfiguredWorker):
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes exactly this worker's GPU
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        init_distributed(self.device)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         param_dtype = resolve_dtype(cfg.dtype, self.device)
         self.model_path = model_path
@@ -58,7 +43,6 @@ class LearnerWorker(ConfiguredWorker):
         if cfg.freeze_vision_tower:
             model.model.visual.requires_grad_(False)
         self.gen_emb_id = self.tokenizer.convert_tokens_to_ids(GEN_EMB)
-        self.hf_config = model.config
         self.policy = shard(EmbeddingPolicy(model, self.gen_emb_id), mesh, param_dtype)
         optim = cfg.actor.optim
         self.optimizer = torch.optim.AdamW(
@@ -181,36 +165,10 @@ class LearnerWorker(ConfiguredWorker):
         loss.backward()
         return metrics
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded weights under HF names, on CPU; empty on ranks other than 0."""
-        sd = get_model_state_dict(
-            self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        return {k.removeprefix("model."): v for k, v in sd.items()}
-
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._full_state_dict()
+        return full_state_dict(self.policy)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, out_dir: str) -> str:
-        """An HF directory (safetensors + tokenizer + image processor), written to a temporary name and
-        renamed, so a crash never leaves a half-written checkpoint under the final name."""
-        from transformers import Qwen2VLForConditionalGeneration
-
-        state = self._full_state_dict()
-        if self.rank == 0:
-            out = Path(out_dir)
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            with torch.device("meta"):
-                model = Qwen2VLForConditionalGeneration._from_config(self.hf_config)
-            model.load_state_dict(state, assign=True)
-            model.generation_config = model.generation_config.from_pretrained(self.model_path)
-            model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            load_image_processor(self.model_path).save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-        dist.barrier()
-        return out_dir
+        return save_hf_checkpoint(self.policy, self.tokenizer, self.model_path, out_dir)

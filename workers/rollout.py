@@ -23,11 +23,10 @@ BACKENDS = ("hf",)
 class HFRollout:
     """Batched sampling with transformers; stops at `<gen_emb>` or the end-of-turn token."""
 
-    def __init__(self, model_path: str, config, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model, tokenizer, config, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.model, self.tokenizer = load_model(model_path, device, dtype)
-        self.model.eval()
+        self.model, self.tokenizer = model.eval(), tokenizer
         vocab = self.tokenizer.get_vocab()
         self.pad_id = self.tokenizer.pad_token_id
         eos = self.model.generation_config.eos_token_id
@@ -36,6 +35,11 @@ class HFRollout:
         self.stop_ids = list(dict.fromkeys([vocab[GEN_EMB], self.tokenizer.eos_token_id, *eos]))
         # Vision placeholders are filled from pixels; sampling them would corrupt the next forward pass.
         self.suppressed = [vocab[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)]
+
+    @classmethod
+    def load(cls, model_path: str, config, device: torch.device, dtype: torch.dtype) -> HFRollout:
+        model, tokenizer = load_model(model_path, device, dtype)
+        return cls(model, tokenizer, config, device)
 
     @torch.no_grad()
     def generate(self, prompts: list[EncodedPrompt], n: int, seed: int) -> list[list[list[int]]]:
@@ -83,7 +87,7 @@ class RolloutWorker(ConfiguredWorker):
         if cfg.name not in BACKENDS:
             raise ValueError(f"rollout.name={cfg.name!r} is not a known backend; available: {list(BACKENDS)}")
         device = resolve_device(cfg.device)
-        self.engine = HFRollout(model_path, cfg, device, resolve_dtype(cfg.dtype, device))
+        self.engine = HFRollout.load(model_path, cfg, device, resolve_dtype(cfg.dtype, device))
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def generate(self, prompts: list[EncodedPrompt], seed: int) -> dict:

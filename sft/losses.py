@@ -1,0 +1,46 @@
+"""The SFT losses (DESIGN section 4): L = InfoNCE(disc) + InfoNCE(gen) + CE(assistant turn).
+
+InfoNCE uses in-batch negatives gathered from every data-parallel rank *with* gradient, and is
+symmetric (query -> target and target -> query). Each rank's loss covers its own rows against all
+candidates; averaging gradients over ranks (FSDP/DDP do) then gives the gradient of the global mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows, in rank order, differentiable; and where this rank's rows start.
+    Ranks must hold the same number of rows (the sampler guarantees it)."""
+    if not _distributed():
+        return x, 0
+    return torch.cat(all_gather(x.contiguous())), dist.get_rank() * x.shape[0]
+
+
+def info_nce(
+    query: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = True
+) -> torch.Tensor:
+    """Mean over this rank's pairs of -log softmax(q_i . t_j / tau)[i] over all targets j of all ranks
+    (eq. 1 / 2), plus the same from the targets' side when symmetric (the two directions averaged).
+    Inputs are L2-normalised (B, D) embeddings of this rank's pairs, row i of each forming a pair."""
+    all_query, offset = gather_with_grad(query)
+    all_target, _ = gather_with_grad(target)
+    labels = torch.arange(query.shape[0], device=query.device) + offset
+    loss = F.cross_entropy(query @ all_target.T / temperature, labels)
+    if symmetric:
+        loss = (loss + F.cross_entropy(target @ all_query.T / temperature, labels)) / 2
+    return loss
+
+
+def token_nll(log_probs: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    """Sum of -log p over the masked (assistant) tokens, divided by `num_tokens`: the number of such
+    tokens in the whole step on this rank, so chunks of a step add up to the step's token mean."""
+    return -(log_probs * mask).sum() / max(num_tokens, 1.0)

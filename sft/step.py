@@ -1,0 +1,115 @@
+"""One SFT step on this rank's pairs, optionally GradCache-chunked.
+
+GradCache (Gao et al., 2021) lets the contrastive batch be far larger than what fits in memory:
+1. embed every sequence in chunks without building graphs;
+2. compute the contrastive losses on all embeddings at once, and their gradients w.r.t. the embeddings;
+3. re-run each chunk with a graph and back-propagate `embedding . cached_gradient` plus the chunk's
+   next-token loss. The parameter gradients equal those of the full-batch step, and the set of
+   in-batch negatives is the whole step's, however small the chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sft.data import SFTPair
+from sft.losses import info_nce, token_nll
+from ume_r1.batch import media_inputs, pack_sequences
+from ume_r1.policy import EmbeddingPolicy
+from ume_r1.processor import EncodedPrompt, UMEProcessor
+
+
+@dataclass
+class EncodedPairs:
+    """2B sequences of this rank: the B queries, then their B positives (row i pairs with B + i)."""
+
+    prompts: list[EncodedPrompt]
+    responses: list[list[int]]
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.prompts) // 2
+
+    def assistant_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+
+def encode_pairs(pairs: Sequence[SFTPair], processor: UMEProcessor) -> EncodedPairs:
+    tokenize = processor.tokenizer
+    sides = [(p.query, p.query_response) for p in pairs] + [(p.positive, p.positive_response) for p in pairs]
+    return EncodedPairs(
+        prompts=[processor.encode(side) for side, _ in sides],
+        responses=[tokenize(text, add_special_tokens=False)["input_ids"] for _, text in sides],
+    )
+
+
+def global_token_share(local_tokens: int, device: torch.device) -> float:
+    """This rank's share of the step's assistant tokens (global count / world size), so that the
+    ranks' token losses average to the global token mean."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return float(local_tokens)
+    total = torch.tensor([float(local_tokens)], device=device)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
+
+
+def _forward(policy: EmbeddingPolicy, pairs: EncodedPairs, index: Sequence[int], pad_id: int, device):
+    prompts = [pairs.prompts[i] for i in index]
+    batch = pack_sequences(prompts, [pairs.responses[i] for i in index], pad_id)
+    media = media_inputs(prompts)
+    batch = {k: v.to(device) for k, v in {**batch, **media}.items()}
+    return policy(**batch, with_entropy=False), batch["response_mask"].float()
+
+
+def _contrastive(disc: torch.Tensor, gen: torch.Tensor, b: int, temperature: float):
+    disc_loss = info_nce(disc[:b], disc[b:], temperature)
+    gen_loss = info_nce(gen[:b], gen[b:], temperature)
+    return disc_loss, gen_loss
+
+
+def sft_step(
+    policy: EmbeddingPolicy,
+    pairs: EncodedPairs,
+    pad_id: int,
+    device: torch.device,
+    temperature: float = 0.02,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Accumulates the gradient of InfoNCE(disc) + InfoNCE(gen) + CE into the parameters (no optimizer
+    step) and returns the loss parts. `chunk_size` sequences per forward; None = all at once."""
+    b, total = pairs.num_pairs, 2 * pairs.num_pairs
+    num_tokens = global_token_share(pairs.assistant_tokens(), device)
+    if not chunk_size or chunk_size >= total:
+        out, mask = _forward(policy, pairs, range(total), pad_id, device)
+        disc_loss, gen_loss = _contrastive(out["disc_embeddings"], out["embeddings"], b, temperature)
+        ce = token_nll(out["log_probs"], mask, num_tokens)
+        (disc_loss + gen_loss + ce).backward()
+        ce_value = float(ce.detach())
+    else:
+        chunks = [range(s, min(s + chunk_size, total)) for s in range(0, total, chunk_size)]
+        with torch.no_grad():
+            cached = [_forward(policy, pairs, c, pad_id, device)[0] for c in chunks]
+        disc = torch.cat([o["disc_embeddings"] for o in cached]).requires_grad_()
+        gen = torch.cat([o["embeddings"] for o in cached]).requires_grad_()
+        disc_loss, gen_loss = _contrastive(disc, gen, b, temperature)
+        (disc_loss + gen_loss).backward()
+        ce_value = 0.0
+        for chunk in chunks:
+            out, mask = _forward(policy, pairs, chunk, pad_id, device)
+            rows = torch.as_tensor(list(chunk), device=device)
+            ce = token_nll(out["log_probs"], mask, num_tokens)
+            surrogate = (out["disc_embeddings"] * disc.grad[rows]).sum() + (
+                out["embeddings"] * gen.grad[rows]
+            ).sum()
+            (surrogate + ce).backward()
+            ce_value += float(ce.detach())
+    return {
+        "loss": float(disc_loss.detach()) + float(gen_loss.detach()) + ce_value,
+        "disc_nce": float(disc_loss.detach()),
+        "gen_nce": float(gen_loss.detach()),
+        "ce": ce_value,
+    }

@@ -1,0 +1,163 @@
+"""Cold-start SFT, torch backend: FSDP2 (gloo on CPU, nccl on GPU), GradCache-chunked contrastive
+step, cosine schedule with warmup, HF checkpoint out (the GRPO stage loads it unchanged).
+
+    python -m sft.train profile=sft_tiny                       # one process
+    torchrun --nproc_per_node 8 -m sft.train model.path=... data.train_files=...
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import get_cosine_schedule_with_warmup
+
+from sft.data import SFTPair, load_sft_pairs
+from sft.step import encode_pairs, sft_step
+from ume_r1.embed import Embedder
+from ume_r1.fsdp import init_distributed, save_hf_checkpoint, shard
+from ume_r1.model import load_model, resolve_device, resolve_dtype
+from ume_r1.policy import EmbeddingPolicy
+from ume_r1.processor import UMEProcessor
+from ume_r1.retrieval import chance_hit_at_1, hit_at_1
+
+
+def rank_batches(pairs: list[SFTPair], global_batch: int, seed: int, shuffle: bool):
+    """This rank's share (every world-th pair) of each global batch, epoch after epoch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if global_batch % world:
+        raise ValueError(f"train.global_batch_size={global_batch} is not divisible by {world} ranks")
+    if len(pairs) < global_batch:
+        raise ValueError(f"train.global_batch_size={global_batch} but only {len(pairs)} training pairs")
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(pairs)))
+        if shuffle:
+            rng.shuffle(order)
+        for start in range(0, len(order) - global_batch + 1, global_batch):
+            yield [pairs[i] for i in order[start + rank : start + global_batch : world]]
+
+
+def evaluate(embedder: Embedder, pairs: list[SFTPair], processor: UMEProcessor) -> dict[str, float]:
+    """Greedy generative + discriminative Hit@1 of held-out queries against the unique positives of
+    their task, and the format rate of the generated reasoning."""
+    candidates, pools, positive = {}, {}, []
+    for pair in pairs:
+        key = processor.encode(pair.positive).key()
+        index = candidates.setdefault(key, (len(candidates), pair.positive))[0]
+        positive.append(index)
+        pools.setdefault(pair.task, set()).add(index)
+    query_pools = [sorted(pools[p.task]) for p in pairs]
+    sides = [side for _, side in sorted(candidates.values(), key=lambda c: c[0])]
+    q = embedder.gen([p.query for p in pairs])
+    c = embedder.gen(sides)
+    return {
+        "format_rate": (q.format_rate() * len(pairs) + c.format_rate() * len(sides))
+        / (len(pairs) + len(sides)),
+        "disc_hit@1": hit_at_1(q.disc, c.disc, positive, query_pools),
+        "gen_hit@1": hit_at_1(q.gen, c.gen, positive, query_pools),
+        "chance_hit@1": chance_hit_at_1(query_pools),
+    }
+
+
+def train(cfg: DictConfig) -> dict:
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    init_distributed(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(tc.seed)
+    pairs, report = load_sft_pairs(cfg.data.train_files, cfg.data.image_root, cfg.data.on_bad_row)
+    if report.skipped and rank == 0:
+        print(
+            f"data: skipped {report.skipped} of {report.rows} rows (data.on_bad_row=skip): "
+            f"{report.reasons[0]}"
+        )
+    processor = UMEProcessor.from_pretrained(cfg.model.path, cfg.data.max_length, cfg.data.max_pixels)
+
+    model, tokenizer = load_model(cfg.model.path, device, torch.float32)
+    if tc.freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+    mesh = init_device_mesh(device.type, (world,))
+    policy = shard(
+        EmbeddingPolicy(model, processor.gen_emb_id, processor.disc_emb_id),
+        mesh,
+        resolve_dtype(tc.dtype, device),
+    )
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(tc.warmup_ratio * tc.total_steps), tc.total_steps
+    )
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
+    batches = rank_batches(pairs, tc.global_batch_size, cfg.data.seed, cfg.data.shuffle)
+    start = time.perf_counter()
+    policy.train()
+    for step in range(1, tc.total_steps + 1):
+        encoded = encode_pairs(next(batches), processor)
+        optimizer.zero_grad(set_to_none=True)
+        parts = sft_step(policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        scheduler.step()
+        if log is not None:
+            row = {
+                "step": step,
+                **parts,
+                "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0],
+                "elapsed_s": time.perf_counter() - start,
+            }
+            log.write(json.dumps(row) + "\n")
+            if step % tc.log_freq == 0 or step == tc.total_steps:
+                print(
+                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                    flush=True,
+                )
+        if tc.save_freq > 0 and step % tc.save_freq == 0:
+            save_hf_checkpoint(policy, tokenizer, cfg.model.path, str(out_dir / f"step_{step}"))
+    final = str((out_dir / "final").resolve())
+    save_hf_checkpoint(policy, tokenizer, cfg.model.path, final)
+    summary = {"final": final, "train_seconds": time.perf_counter() - start}
+    if cfg.data.test_files and rank == 0:
+        summary.update(evaluate_checkpoint(final, cfg))
+    if log is not None:
+        log.close()
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_checkpoint(path: str, cfg: DictConfig) -> dict[str, float]:
+    """Reloads the saved checkpoint (what the GRPO stage will see) and evaluates it."""
+    device = resolve_device(cfg.train.device)
+    model, _ = load_model(path, device, resolve_dtype(cfg.train.dtype, device))
+    processor = UMEProcessor.from_pretrained(path, cfg.data.max_length, cfg.data.max_pixels)
+    pairs, _ = load_sft_pairs(cfg.data.test_files, cfg.data.image_root, cfg.data.on_bad_row)
+    embedder = Embedder(model, processor, device, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    return evaluate(embedder, pairs[: cfg.eval.max_queries], processor)
+
+
+@hydra.main(config_path="../configs", config_name="sft", version_base=None)
+def main(cfg: DictConfig) -> None:
+    if cfg.backend != "torch":
+        raise ValueError(
+            f"backend={cfg.backend!r}: this entry point is the torch backend; "
+            "for megatron use recipes/ume_sft_megatron.sh"
+        )
+    train(cfg)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

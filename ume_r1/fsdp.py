@@ -1,0 +1,72 @@
+"""FSDP2 plumbing shared by the GRPO learner and the SFT trainer: process group, sharding, and
+gathering / saving the full weights as an HF checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import Qwen2VLForConditionalGeneration
+
+from ume_r1.model import load_image_processor
+from ume_r1.policy import EmbeddingPolicy
+
+
+def init_distributed(device: torch.device) -> None:
+    """nccl on GPU, gloo on CPU. Without a launcher's environment (torchrun, Ray worker groups) this
+    is a one-rank group on a free local port."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def shard(policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype) -> EmbeddingPolicy:
+    """FSDP2: each decoder layer is its own unit; the vision tower stays in the root unit, because a
+    rank whose micro-batch has no image skips it, and separately sharded vision blocks would then
+    leave the ranks' collectives out of step."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in policy.model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    return fully_shard(policy, mesh=mesh, mp_policy=mp)
+
+
+def full_state_dict(policy: EmbeddingPolicy) -> dict[str, torch.Tensor]:
+    """Unsharded weights under HF names, on CPU; empty on ranks other than 0. Collective."""
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def save_hf_checkpoint(policy: EmbeddingPolicy, tokenizer, source_path: str, out_dir: str) -> str:
+    """An HF directory (safetensors + tokenizer + image processor + generation config of the source),
+    written by rank 0 to a temporary name and renamed, so a crash never leaves a half-written
+    checkpoint under the final name. Collective: every rank must call it."""
+    state = full_state_dict(policy)
+    if dist.get_rank() == 0:
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration._from_config(policy.model.config)
+        model.load_state_dict(state, assign=True)
+        if (Path(source_path) / "generation_config.json").is_file():
+            model.generation_config = model.generation_config.from_pretrained(source_path)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        load_image_processor(source_path).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+    return out_dir
