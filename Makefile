@@ -8,10 +8,11 @@ TORCH ?= torch==2.13.0
 ARTIFACTS ?= artifacts
 TINY_MODEL := $(ARTIFACTS)/tiny-qwen2-vl
 SYNTHETIC := $(ARTIFACTS)/synthetic
+SYNTHETIC_SFT := $(ARTIFACTS)/synthetic_sft
 export PATH := $(abspath $(BIN)):$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: setup data tiny-model grpo test lint bench clean
+.PHONY: setup data sft-data tiny-model sft grpo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +29,16 @@ $(SYNTHETIC)/train.parquet: $(BIN)/.installed ume_r1/synthetic.py
 $(TINY_MODEL)/config.json: $(BIN)/.installed ume_r1/model.py
 	$(BIN)/python -m ume_r1.model --out $(TINY_MODEL)
 
+$(SYNTHETIC_SFT)/sft_train.parquet: $(BIN)/.installed ume_r1/synthetic.py sft/synthetic_cot.py
+	$(BIN)/python -m sft.synthetic_cot --out $(SYNTHETIC_SFT)
+
 data: $(SYNTHETIC)/train.parquet
+sft-data: $(SYNTHETIC_SFT)/sft_train.parquet
 tiny-model: $(TINY_MODEL)/config.json
+
+sft: sft-data tiny-model
+	$(BIN)/python -m sft.train profile=sft_tiny model.path=$(TINY_MODEL) \
+		data.train_files=$(SYNTHETIC_SFT)/sft_train.parquet data.test_files=$(SYNTHETIC_SFT)/sft_test.parquet
 
 grpo: data tiny-model
 	bash recipes/ume_r1_grpo.sh profile=tiny model.path=$(TINY_MODEL) data.train_files=$(SYNTHETIC)/train.parquet
