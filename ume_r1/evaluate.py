@@ -1,0 +1,600 @@
+"""Retrieval evaluation (MMEB-style): discriminative, generative and oracle scores, and pass@k.
+
+Config (YAML or JSON), paths relative to the config file::
+
+    datasets:
+      - {name: synthetic_classification, meta_task: CLS, metric: hit@1, path: classification.parquet}
+
+Eval parquet rows (`EVAL_SCHEMA`): ``query`` (a native side struct, as in `ume_r1.data`),
+``candidates`` (list of side structs) and ``labels`` (list of ints, >= 1: indices of the relevant
+candidates). Every distinct side (query or candidate, over all datasets) is embedded once per mode.
+
+    python -m ume_r1.evaluate --model DIR --config CFG.yaml --out RUN_DIR [--pass-k 8 --temperature 1.0]
+    python -m ume_r1.evaluate --make-synthetic-config OUT_DIR --synthetic-test test.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from ume_r1.data import BadRowError, RowParser, RowProblem, Side, load_rows, native_side
+from ume_r1.embed import Embedder, Embeddings
+from ume_r1.metrics import METRICS, aggregate, chance_level, instance_score, mean, oracle, pass_at_k_curve
+from ume_r1.model import load_model, resolve_device, resolve_dtype
+from ume_r1.processor import UMEProcessor
+from ume_r1.synthetic import SIDE, write_atomic
+
+log = logging.getLogger("ume_r1.evaluate")
+
+EVAL_SCHEMA = pa.schema([("query", SIDE), ("candidates", pa.list_(SIDE)), ("labels", pa.list_(pa.int32()))])
+EVAL_COLUMNS = {"query", "candidates", "labels"}
+MODES = ("disc", "gen")
+# Synthetic task -> (MMEB meta-task, metric); MMEB scores image tasks with Hit@1.
+SYNTHETIC_TASKS = {"classification": ("CLS", "hit@1"), "vqa": ("QA", "hit@1"), "retrieval": ("RET", "hit@1")}
+
+
+@dataclass
+class DatasetSpec:
+    """One config entry; `path` is resolved against the config file's directory."""
+
+    name: str
+    meta_task: str
+    metric: str
+    path: str
+
+
+@dataclass
+class EvalRow:
+    query: Side
+    candidates: list[Side]
+    labels: list[int]
+
+
+@dataclass
+class EvalDataset:
+    spec: DatasetSpec
+    rows: list[EvalRow]
+
+
+@dataclass
+class SideTable:
+    """Distinct sides over all datasets, so a candidate shared by many queries is embedded once."""
+
+    sides: list[Side] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    def add(self, side: Side) -> int:
+        """The side's row in the table, appending it when new."""
+        key = side_key(side)
+        if key not in self.index:
+            self.index[key] = len(self.sides)
+            self.sides.append(side)
+        return self.index[key]
+
+
+def side_key(side: Side) -> str:
+    """Content hash of a decoded side: same text and same pixels means the same prompt."""
+    h = hashlib.sha1(f"{len(side.text)}:{side.text}".encode())
+    for tag, frames in (("image", side.images), ("video", side.video or [])):
+        for img in frames:
+            h.update(f"|{tag}:{img.mode}:{img.size}|".encode())
+            h.update(img.tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- config + data
+
+
+def load_config(path: str | os.PathLike) -> list[DatasetSpec]:
+    """Parse and check the dataset list; every parquet file must exist."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"eval config '{path}' not found")
+    with open(path) as f:
+        raw = yaml.safe_load(f)  # YAML is a superset of JSON, so .json configs load too
+    entries = raw.get("datasets") if isinstance(raw, dict) else None
+    if not entries:
+        raise ValueError(f"{path}: expected a top-level 'datasets' list with at least one entry")
+    root = os.path.dirname(os.path.abspath(path))
+    specs: list[DatasetSpec] = []
+    for k, entry in enumerate(entries):
+        missing = [key for key in ("name", "meta_task", "metric", "path") if not (entry or {}).get(key)]
+        if missing:
+            raise ValueError(f"{path}: datasets[{k}] lacks {missing}")
+        name = str(entry["name"])
+        if entry["metric"] not in METRICS:
+            raise ValueError(
+                f"{path}: dataset '{name}' has metric {entry['metric']!r}; expected one of {METRICS}"
+            )
+        full = entry["path"] if os.path.isabs(entry["path"]) else os.path.join(root, entry["path"])
+        if not os.path.isfile(full):
+            raise FileNotFoundError(
+                f"{path}: dataset '{name}' points at missing file '{entry['path']}' (resolved to '{full}')"
+            )
+        if any(s.name == name for s in specs):
+            raise ValueError(f"{path}: dataset name '{name}' appears twice")
+        specs.append(DatasetSpec(name, str(entry["meta_task"]), entry["metric"], full))
+    return specs
+
+
+def _eval_row(row: dict[str, Any], root: str, index: int) -> EvalRow:
+    candidates = row.get("candidates") or []
+    labels = list(dict.fromkeys(row.get("labels") or []))  # a repeated label counts once (as VLM2Vec)
+    if not candidates:
+        raise RowProblem("the candidate list is empty")
+    if not labels:
+        raise RowProblem("labels is empty: each query needs at least one relevant candidate")
+    outside = [label for label in labels if not 0 <= label < len(candidates)]
+    if outside:
+        raise RowProblem(
+            f"the candidate list does not contain the label {outside[0]} "
+            f"(labels {labels}; {len(candidates)} candidates, indices 0..{len(candidates) - 1})"
+        )
+    return EvalRow(
+        query=native_side(row.get("query"), root, "query"),
+        candidates=[native_side(c, root, f"candidates[{k}]") for k, c in enumerate(candidates)],
+        labels=labels,
+    )
+
+
+def _eval_parser(path: str, columns: set[str]) -> RowParser[EvalRow]:
+    if not columns >= EVAL_COLUMNS:
+        raise ValueError(f"{path}: eval files need columns {sorted(EVAL_COLUMNS)}; found {sorted(columns)}")
+    return _eval_row
+
+
+def load_dataset(spec: DatasetSpec, max_queries: int | None = None) -> EvalDataset:
+    """Read a dataset's rows (the first `max_queries` when given); a bad row raises naming file and row."""
+    try:
+        rows, _ = load_rows(spec.path, _eval_parser)
+    except BadRowError as e:
+        raise BadRowError(f"dataset '{spec.name}': {e}") from e
+    if not rows:
+        raise ValueError(f"dataset '{spec.name}': {spec.path} has no rows")
+    return EvalDataset(spec, rows[:max_queries] if max_queries else rows)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def score_queries(
+    emb: torch.Tensor,
+    query_idx: Sequence[int],
+    cand_idx: Sequence[Sequence[int]],
+    rows: Sequence[EvalRow],
+    metric: str,
+) -> list[float]:
+    """Per-query scores; `emb` rows are the side table's (L2-normalised) embeddings."""
+    return [
+        instance_score(metric, emb[list(cands)] @ emb[q], row.labels)
+        for q, cands, row in zip(query_idx, cand_idx, rows, strict=True)
+    ]
+
+
+def sampled_hits(
+    samples: torch.Tensor, cand_emb: torch.Tensor, cand_idx: Sequence[Sequence[int]], rows: Sequence[EvalRow]
+) -> np.ndarray:
+    """(queries, n) Hit@1 of each sampled query embedding; `samples` is (queries, n, D)."""
+    return np.array(
+        [
+            [instance_score("hit@1", cand_emb[list(cands)] @ s, row.labels) > 0 for s in sample]
+            for sample, cands, row in zip(samples, cand_idx, rows, strict=True)
+        ],
+        dtype=bool,
+    )
+
+
+def embed_sides(embedder: Embedder, sides: list[Side], modes: Sequence[str]) -> Embeddings:
+    # A greedy generative pass yields the discriminative embedding from the same forward (the prompt is a
+    # causal prefix), so disc needs a separate pass only when gen is not asked for.
+    if "gen" in modes:
+        return embedder.gen(sides)
+    return embedder.disc(sides)
+
+
+def evaluate(
+    model_dir: str,
+    config: str,
+    modes: Sequence[str] = MODES,
+    pass_k_samples: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    device: str = "auto",
+    max_queries: int | None = None,
+    pass_k_max_queries: int | None = None,
+    max_pixels: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate `model_dir` on the datasets of `config`; returns every number (see `write_outputs`).
+
+    Hit@1 / NDCG@5 use greedy generations; pass@k (k = 1..pass_k_samples) samples that many generations
+    per query at `temperature` and counts Hit@1 hits against the greedy generative candidate embeddings.
+    """
+    modes = list(dict.fromkeys(modes))
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if pass_k_samples and "gen" not in modes:
+        raise ValueError("pass@k samples generative embeddings: add 'gen' to modes or set pass_k_samples=0")
+    specs = load_config(config)
+    # The processor check comes first: it names the directory when the tokenizer lacks the UME tokens.
+    processor = UMEProcessor.from_pretrained(model_dir, max_pixels=max_pixels)
+    datasets = [load_dataset(spec, max_queries) for spec in specs]
+
+    table = SideTable()
+    query_idx = {d.spec.name: [table.add(r.query) for r in d.rows] for d in datasets}
+    cand_idx = {d.spec.name: [[table.add(c) for c in r.candidates] for r in d.rows] for d in datasets}
+    occurrences = sum(len(d.rows) + sum(len(r.candidates) for r in d.rows) for d in datasets)
+    log.info("%d datasets, %d distinct sides (%d occurrences)", len(datasets), len(table.sides), occurrences)
+
+    dev = resolve_device(device)
+    model, _ = load_model(model_dir, dev, resolve_dtype("auto", dev))
+    embedder = Embedder(model, processor, dev, batch_size, max_new_tokens, temperature)
+    emb = embed_sides(embedder, table.sides, modes)
+    # Scores in fp32: bf16 (GPU) dot products would round near-equal similarities into ties.
+    by_mode = {"disc": emb.disc.float(), "gen": emb.gen.float() if emb.gen is not None else None}
+
+    per_query: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    for d in datasets:
+        name = d.spec.name
+        for m in modes:
+            per_query[m][name] = score_queries(
+                by_mode[m], query_idx[name], cand_idx[name], d.rows, d.spec.metric
+            )
+    if len(modes) == 2:
+        per_query["oracle"] = {
+            n: oracle(per_query["disc"][n], per_query["gen"][n]).tolist() for n in query_idx
+        }
+    scores = {m: {n: mean(v) for n, v in per_query[m].items()} for m in per_query}
+    scores["chance"] = {
+        d.spec.name: mean([chance_level(d.spec.metric, len(r.candidates), len(r.labels)) for r in d.rows])
+        for d in datasets
+    }
+    meta = {d.spec.name: d.spec.meta_task for d in datasets}
+    summary = {m: aggregate(s, meta) for m, s in scores.items()}
+
+    results: dict[str, Any] = {
+        "model": model_dir,
+        "config": os.path.abspath(config),
+        "settings": {
+            "modes": modes,
+            "pass_k_samples": pass_k_samples,
+            "temperature": temperature,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "device": str(dev),
+            "max_queries": max_queries,
+            "pass_k_max_queries": pass_k_max_queries,
+            "seed": seed,
+            "tie_rule": "ties broken against relevant candidates (a tie with an irrelevant one is a miss)",
+        },
+        "datasets": [
+            {
+                **asdict(d.spec),
+                "n_queries": len(d.rows),
+                "mean_candidates": mean([len(r.candidates) for r in d.rows]),
+                "mean_relevant": mean([len(r.labels) for r in d.rows]),
+            }
+            for d in datasets
+        ],
+        "scores": scores,
+        "meta_tasks": {m: s["meta_tasks"] for m, s in summary.items()},
+        "overall": {m: s["overall"] for m, s in summary.items()},
+        "per_query": per_query,
+        "sides": {"distinct": len(table.sides), "occurrences": occurrences},
+        "pass_at_k": None,
+    }
+    if "gen" in modes:
+        responses = emb.responses or []
+        results["generation"] = {
+            "format_rate": emb.format_rate(),
+            "gen_emb_rate": float(emb.has_gen_emb.float().mean()) if emb.has_gen_emb is not None else 0.0,
+            "examples": responses[:3],
+        }
+    if pass_k_samples:
+        results["pass_at_k"] = _pass_at_k(
+            embedder,
+            datasets,
+            table,
+            query_idx,
+            cand_idx,
+            by_mode["gen"],
+            pass_k_samples,
+            pass_k_max_queries,
+            seed,
+        )
+        results["pass_at_k"]["temperature"] = temperature
+    return results
+
+
+def _pass_at_k(
+    embedder: Embedder,
+    datasets: list[EvalDataset],
+    table: SideTable,
+    query_idx: dict[str, list[int]],
+    cand_idx: dict[str, list[list[int]]],
+    cand_emb: torch.Tensor,
+    n: int,
+    max_queries: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    # Only queries are sampled: candidates keep their greedy generative embedding, as a deployed index would.
+    used = {d.spec.name: len(d.rows[:max_queries] if max_queries else d.rows) for d in datasets}
+    distinct = list(dict.fromkeys(q for d in datasets for q in query_idx[d.spec.name][: used[d.spec.name]]))
+    sampled = embedder.gen([table.sides[q] for q in distinct], do_sample=True, n=n, seed=seed)
+    per_query = sampled.gen.float().reshape(len(distinct), n, -1)  # rows are side-major: side i, sample j
+    where = {q: i for i, q in enumerate(distinct)}
+    curves, hits_out = {}, {}
+    for d in datasets:
+        name, k = d.spec.name, used[d.spec.name]
+        samples = per_query[[where[q] for q in query_idx[name][:k]]]
+        hits = sampled_hits(samples, cand_emb, cand_idx[name][:k], d.rows[:k])
+        curves[name] = pass_at_k_curve(hits)
+        hits_out[name] = hits.sum(axis=1).tolist()
+    return {
+        "n": n,
+        "k": list(range(1, n + 1)),
+        "per_dataset": curves,
+        "mean": [mean([c[i] for c in curves.values()]) for i in range(n)],
+        "n_queries": used,
+        "hits_per_query": hits_out,  # c out of n per query, the estimator's input
+        "sampled_format_rate": sampled.format_rate(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> None:
+    """Run `write(tmp)` then rename onto `path`, so a reader never sees a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """Dataset x {disc, gen, oracle, chance} table in percent, meta-task and overall means, pass@k row."""
+    cols = [m for m in ("disc", "gen", "oracle", "chance") if m in results["scores"]]
+    lines = [
+        "# UME-R1 retrieval evaluation",
+        "",
+        f"model: `{results['model']}`  ",
+        f"config: `{results['config']}`  ",
+        "scores in percent; ties count against the relevant candidate",
+        "",
+        "| dataset | meta-task | metric | queries | " + " | ".join(cols) + " |",
+        "|---|---|---|---:|" + "---:|" * len(cols),
+    ]
+    for d in results["datasets"]:
+        vals = " | ".join(_pct(results["scores"][m][d["name"]]) for m in cols)
+        lines.append(f"| {d['name']} | {d['meta_task']} | {d['metric']} | {d['n_queries']} | {vals} |")
+    for task in results["meta_tasks"][cols[0]]:
+        vals = " | ".join(_pct(results["meta_tasks"][m][task]) for m in cols)
+        lines.append(f"| **{task}** (mean) | {task} | | | {vals} |")
+    vals = " | ".join(_pct(results["overall"][m]) for m in cols)
+    lines.append(f"| **overall** (mean of datasets) | | | | {vals} |")
+    pk = results.get("pass_at_k")
+    if pk:
+        lines += [
+            "",
+            f"pass@k: generative Hit@1 over n={pk['n']} samples per query, temperature {pk['temperature']}, "
+            "unbiased estimator (mean of datasets)",
+            "",
+            "| | " + " | ".join(f"k={k}" for k in pk["k"]) + " |",
+            "|---|" + "---:|" * len(pk["k"]),
+            "| pass@k | " + " | ".join(_pct(v) for v in pk["mean"]) + " |",
+        ]
+        lines += [f"| {n} | " + " | ".join(_pct(v) for v in c) + " |" for n, c in pk["per_dataset"].items()]
+    gen = results.get("generation")
+    if gen:
+        lines += [
+            "",
+            f"format rate (greedy): {_pct(gen['format_rate'])}%; "
+            f"responses with <gen_emb>: {_pct(gen['gen_emb_rate'])}%",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_pass_at_k(results: dict[str, Any], path: str) -> None:
+    """pass@k against k: one line per dataset and the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI / cluster nodes
+    import matplotlib.pyplot as plt
+
+    pk = results["pass_at_k"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, curve in pk["per_dataset"].items():
+        ax.plot(pk["k"], [100 * v for v in curve], marker="o", alpha=0.6, label=name)
+    ax.plot(pk["k"], [100 * v for v in pk["mean"]], marker="s", color="black", linewidth=2, label="mean")
+    ax.set(xlabel="k", ylabel="pass@k (%)", title=f"pass@k, n={pk['n']}, T={pk['temperature']}")
+    ax.set_xticks(pk["k"])
+    ax.legend(fontsize=7)
+    _save_figure(fig, path)
+
+
+def plot_modes(results: dict[str, Any], path: str) -> None:
+    """Grouped bars per meta-task (and overall): disc vs gen vs oracle, with the chance level marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("disc", "gen", "oracle") if m in results["meta_tasks"]]
+    groups = [*results["meta_tasks"][modes[0]], "overall"]
+
+    def value(mode: str, group: str) -> float:
+        return 100 * (results["overall"][mode] if group == "overall" else results["meta_tasks"][mode][group])
+
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups), 3.5))
+    width = 0.8 / len(modes)
+    x = np.arange(len(groups))
+    for i, mode in enumerate(modes):
+        ax.bar(x + (i - (len(modes) - 1) / 2) * width, [value(mode, g) for g in groups], width, label=mode)
+    ax.scatter(x, [value("chance", g) for g in groups], marker="_", s=400, color="black", label="chance")
+    ax.set_xticks(x, groups)
+    ax.set(ylabel="score (%)", title="discriminative vs generative vs oracle")
+    ax.legend(fontsize=7)
+    _save_figure(fig, path)
+
+
+def write_outputs(results: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """results.json, results.md, modes.png and (with pass@k) pass_at_k.png, each written atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, name) for name in ("results.json", "results.md", "modes.png")}
+    _write_text(paths["results.json"], json.dumps(results, indent=2, allow_nan=False) + "\n")
+    _write_text(paths["results.md"], results_markdown(results))
+    plot_modes(results, paths["modes.png"])
+    if results.get("pass_at_k"):
+        paths["pass_at_k.png"] = os.path.join(out_dir, "pass_at_k.png")
+        plot_pass_at_k(results, paths["pass_at_k.png"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------- synthetic eval set
+
+
+def _struct_key(side: dict[str, Any]) -> tuple:
+    media = tuple(
+        (kind, bytes(m.get("bytes") or b""), m.get("path"))
+        for kind in ("images", "video")
+        for m in side.get(kind) or []
+    )
+    return (side.get("text") or "", media)
+
+
+def make_synthetic_eval(test_path: str, out_dir: str) -> str:
+    """Turn a synthetic test split (`ume_r1.synthetic` rows) into one eval file per task and a config.
+
+    Each query's candidates are all distinct positives of its task plus its own explicit negatives
+    (identical sides merged); its label is the index of its positive. Returns the config path.
+    """
+    rows = pq.read_table(test_path).to_pylist()
+    os.makedirs(out_dir, exist_ok=True)
+    entries = []
+    for task, (meta_task, metric) in SYNTHETIC_TASKS.items():
+        task_rows = [r for r in rows if (r.get("task") or "retrieval") == task]
+        if not task_rows:
+            continue
+        pool: dict[tuple, int] = {}
+        sides: list[dict[str, Any]] = []
+        for r in task_rows:
+            if _struct_key(r["positive"]) not in pool:
+                pool[_struct_key(r["positive"])] = len(sides)
+                sides.append(r["positive"])
+        out_rows = []
+        for r in task_rows:
+            index, candidates = dict(pool), list(sides)
+            for neg in r.get("negatives") or []:
+                if _struct_key(neg) not in index:
+                    index[_struct_key(neg)] = len(candidates)
+                    candidates.append(neg)
+            out_rows.append(
+                {"query": r["query"], "candidates": candidates, "labels": [index[_struct_key(r["positive"])]]}
+            )
+        write_atomic(out_rows, os.path.join(out_dir, f"{task}.parquet"), EVAL_SCHEMA)
+        entries.append(
+            {"name": f"synthetic_{task}", "meta_task": meta_task, "metric": metric, "path": f"{task}.parquet"}
+        )
+    if not entries:
+        raise ValueError(f"{test_path}: no rows with a task among {list(SYNTHETIC_TASKS)}")
+    config = os.path.join(out_dir, "eval.yaml")
+    _write_text(config, yaml.safe_dump({"datasets": entries}, sort_keys=False))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="UME model directory (HF checkpoint with <disc_emb>/<gen_emb>)")
+    parser.add_argument("--config", help="eval config (YAML/JSON) listing the datasets")
+    parser.add_argument("--out", help="run directory for results.json, results.md and plots")
+    parser.add_argument("--modes", default="disc,gen", help="comma-separated subset of disc,gen")
+    parser.add_argument("--pass-k", type=int, default=0, help="samples per query for pass@k (0: off)")
+    parser.add_argument("--pass-k-max-queries", type=int, default=None, help="queries per dataset for pass@k")
+    parser.add_argument("--max-queries", type=int, default=None, help="first N queries of each dataset")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-pixels", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--make-synthetic-config", metavar="OUT_DIR", help="write synthetic eval files + config"
+    )
+    parser.add_argument("--synthetic-test", help="synthetic test.parquet (with --make-synthetic-config)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.make_synthetic_config:
+            if not args.synthetic_test:
+                parser.error("--make-synthetic-config needs --synthetic-test PATH")
+            print(make_synthetic_eval(args.synthetic_test, args.make_synthetic_config))
+            return 0
+        if not (args.model and args.config and args.out):
+            parser.error("--model, --config and --out are required")
+        results = evaluate(
+            args.model,
+            args.config,
+            modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+            pass_k_samples=args.pass_k,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            device=args.device,
+            max_queries=args.max_queries,
+            pass_k_max_queries=args.pass_k_max_queries,
+            max_pixels=args.max_pixels,
+            seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        # Config, data and model-directory problems are the user's to fix: one clear line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = write_outputs(results, args.out)
+    sys.stdout.write(results_markdown(results))
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
