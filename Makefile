@@ -1,4 +1,4 @@
-# Everything a fresh machine needs, from nothing: `make grpo` (the embedded default) and `make test`.
+# Everything a fresh machine needs, from nothing: `make demo` (the whole pipeline) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ SYNTHETIC_SFT := $(ARTIFACTS)/synthetic_sft
 export PATH := $(abspath $(BIN)):$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: setup data sft-data tiny-model sft grpo test lint bench clean
+.PHONY: setup data sft-data tiny-model sft grpo demo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ sft: sft-data tiny-model
 
 grpo: data tiny-model
 	bash recipes/ume_r1_grpo.sh profile=tiny model.path=$(TINY_MODEL) data.train_files=$(SYNTHETIC)/train.parquet
+
+demo: setup
+	PYTHON=$(BIN)/python bash recipes/demo.sh
 
 test: setup
 	$(BIN)/python -m pytest -q
