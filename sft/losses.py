@@ -13,26 +13,23 @@ import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's rows, in rank order, differentiable; and where this rank's rows start.
-    Ranks must hold the same number of rows (the sampler guarantees it)."""
-    if not _distributed():
+def gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """Every rank's rows (of `group`, default: the world), in rank order, differentiable; and where
+    this rank's rows start. Ranks must hold the same number of rows (the samplers guarantee it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return x, 0
-    return torch.cat(all_gather(x.contiguous())), dist.get_rank() * x.shape[0]
+    return torch.cat(all_gather(x.contiguous(), group=group)), dist.get_rank(group) * x.shape[0]
 
 
 def info_nce(
-    query: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = True
+    query: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = True, group=None
 ) -> torch.Tensor:
     """Mean over this rank's pairs of -log softmax(q_i . t_j / tau)[i] over all targets j of all ranks
     (eq. 1 / 2), plus the same from the targets' side when symmetric (the two directions averaged).
-    Inputs are L2-normalised (B, D) embeddings of this rank's pairs, row i of each forming a pair."""
-    all_query, offset = gather_with_grad(query)
-    all_target, _ = gather_with_grad(target)
+    Inputs are L2-normalised (B, D) embeddings of this rank's pairs, row i of each forming a pair;
+    `group` is the data-parallel group (default: the world)."""
+    all_query, offset = gather_with_grad(query, group)
+    all_target, _ = gather_with_grad(target, group)
     labels = torch.arange(query.shape[0], device=query.device) + offset
     loss = F.cross_entropy(query @ all_target.T / temperature, labels)
     if symmetric:

@@ -4,17 +4,14 @@ gathering / saving the full weights as an HF checkpoint."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import Qwen2VLForConditionalGeneration
 
-from ume_r1.model import load_image_processor
+from ume_r1.model import write_hf_checkpoint
 from ume_r1.policy import EmbeddingPolicy
 
 
@@ -50,23 +47,10 @@ def full_state_dict(policy: EmbeddingPolicy) -> dict[str, torch.Tensor]:
 
 
 def save_hf_checkpoint(policy: EmbeddingPolicy, tokenizer, source_path: str, out_dir: str) -> str:
-    """An HF directory (safetensors + tokenizer + image processor + generation config of the source),
-    written by rank 0 to a temporary name and renamed, so a crash never leaves a half-written
-    checkpoint under the final name. Collective: every rank must call it."""
+    """Gathers the full weights and has rank 0 write them as an HF checkpoint (see
+    ume_r1.model.write_hf_checkpoint). Collective: every rank must call it."""
     state = full_state_dict(policy)
     if dist.get_rank() == 0:
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with torch.device("meta"):
-            model = Qwen2VLForConditionalGeneration._from_config(policy.model.config)
-        model.load_state_dict(state, assign=True)
-        if (Path(source_path) / "generation_config.json").is_file():
-            model.generation_config = model.generation_config.from_pretrained(source_path)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        load_image_processor(source_path).save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        write_hf_checkpoint(state, policy.model.config, tokenizer, source_path, out_dir)
     dist.barrier()
     return out_dir

@@ -101,6 +101,28 @@ def load_image_processor(path: str | os.PathLike, max_pixels: int | None = None)
     return Qwen2VLImageProcessorPil(**kwargs)
 
 
+def write_hf_checkpoint(
+    state: dict[str, torch.Tensor], hf_config: Qwen2VLConfig, tokenizer, source_path: str, out_dir: str
+) -> str:
+    """An HF directory from full weights under HF names: safetensors, tokenizer, and the source
+    checkpoint's image processor and generation config. Written to a temporary name and renamed, so
+    a crash never leaves a half-written checkpoint under the final name."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration._from_config(hf_config)
+    model.load_state_dict(state, assign=True, strict=True)
+    if (Path(source_path) / "generation_config.json").is_file():
+        model.generation_config = model.generation_config.from_pretrained(source_path)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    load_image_processor(source_path).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return str(out)
+
+
 def add_ume_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Add `<disc_emb>` / `<gen_emb>` if missing; new embedding rows are the mean of the rows of the
     tokens that spell the tag as plain text (never random), in both input and output embeddings."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,19 +19,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.nn.functional import all_gather
 
 from sft.data import load_sft_pairs
-from sft.losses import token_nll
+from sft.losses import info_nce, token_nll
 from sft.megatron.convert import tp_merge
 from sft.megatron.model import MegatronQwen2VL, transformer_config
 from sft.step import encode_pairs
 from ume_r1.batch import media_inputs, pack_sequences
-from ume_r1.model import load_image_processor, load_model, resolve_dtype
+from ume_r1.model import load_image_processor, load_model, resolve_dtype, write_hf_checkpoint
 from ume_r1.policy import disc_embeddings, gen_emb_positions, hidden_at
 from ume_r1.processor import UMEProcessor
 from ume_r1.template import DISC_EMB, GEN_EMB
@@ -46,21 +43,6 @@ def load_config(overrides: list[str]) -> DictConfig:
     base = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
     base.pop("defaults", None), base.pop("hydra", None)  # Hydra-only keys
     return OmegaConf.merge(OmegaConf.create(DEFAULTS), base, OmegaConf.from_dotlist(overrides))
-
-
-def dp_info_nce(query: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """sft.losses.info_nce with the gather over the data-parallel group (not the world)."""
-    group = ps.get_data_parallel_group()
-    if dist.get_world_size(group) > 1:
-        all_q, all_t = (torch.cat(all_gather(x.contiguous(), group=group)) for x in (query, target))
-        offset = dist.get_rank(group) * query.shape[0]
-    else:
-        all_q, all_t, offset = query, target, 0
-    labels = torch.arange(query.shape[0], device=query.device) + offset
-    return (
-        F.cross_entropy(query @ all_t.T / temperature, labels)
-        + F.cross_entropy(target @ all_q.T / temperature, labels)
-    ) / 2
 
 
 def forward_pairs(
@@ -115,8 +97,6 @@ def allreduce_grads(params: list[torch.nn.Parameter], clip: float) -> float:
 
 def export_hf(model: MegatronQwen2VL, source: str, tokenizer, out_dir: str) -> None:
     """Gather TP shards, write an HF directory to a temporary name, then rename (rank 0 writes)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
     from sft.megatron.convert import mcore_to_hf
 
     lm = {k: v for k, v in model.gpt.state_dict().items() if not k.endswith("_extra_state")}
@@ -128,17 +108,7 @@ def export_hf(model: MegatronQwen2VL, source: str, tokenizer, out_dir: str) -> N
     if dist.get_rank() == 0:
         state = {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith("gpt.")}
         state.update(mcore_to_hf({k: v.cpu() for k, v in lm.items()}, model.text_config))
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with torch.device("meta"):
-            hf = Qwen2VLForConditionalGeneration._from_config(model.hf_config)
-        hf.load_state_dict(state, assign=True, strict=True)
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        load_image_processor(source).save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        write_hf_checkpoint(state, model.hf_config, tokenizer, source, out_dir)
     dist.barrier()
 
 
@@ -206,8 +176,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tokens = torch.tensor([float(enc.assistant_tokens())], device=device)
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())  # the step's token mean, over DP
         ce = token_nll(out["log_probs"], out["mask"], float(tokens) / dp)
-        disc = dp_info_nce(out["disc"][:b], out["disc"][b:], temp)
-        gen = dp_info_nce(out["gen"][:b], out["gen"][b:], temp)
+        disc = info_nce(out["disc"][:b], out["disc"][b:], temp, group=ps.get_data_parallel_group())
+        gen = info_nce(out["gen"][:b], out["gen"][b:], temp, group=ps.get_data_parallel_group())
         (disc + gen + ce).backward()
         norm = allreduce_grads(params, cfg.train.grad_clip)
         optim.step(), sched.step(), optim.zero_grad(set_to_none=True)
