@@ -29,7 +29,6 @@ from ume_r1.evaluate import (
     load_dataset,
     main,
     make_synthetic_eval,
-    write_outputs,
 )
 from ume_r1.metrics import (
     aggregate,
@@ -43,6 +42,7 @@ from ume_r1.metrics import (
 )
 from ume_r1.model import _train_tiny_tokenizer, load_model
 from ume_r1.processor import UMEProcessor
+from ume_r1.report import write_outputs
 from ume_r1.synthetic import side_struct, write_atomic
 
 # ------------------------------------------------------------------------------------------------ metrics

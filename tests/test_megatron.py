@@ -150,7 +150,7 @@ def test_train_config_and_pipeline_guard():
 
     cfg = load_config(["megatron.tensor_model_parallel_size=2", "model.path=/x"])
     assert cfg.megatron.tensor_model_parallel_size == 2 and cfg.megatron.pipeline_model_parallel_size == 1
-    with pytest.raises(NotImplementedError, match="pipeline_model_parallel_size=1"):
+    with pytest.raises(ValueError, match="pipeline_model_parallel_size=1"):
         train(load_config(["megatron.pipeline_model_parallel_size=2"]))
 
 

@@ -115,7 +115,7 @@ def export_hf(model: MegatronQwen2VL, source: str, tokenizer, out_dir: str) -> N
 def train(cfg: DictConfig) -> dict[str, Any]:
     tp, pp = cfg.megatron.tensor_model_parallel_size, cfg.megatron.pipeline_model_parallel_size
     if pp != 1:
-        raise NotImplementedError(
+        raise ValueError(
             "megatron SFT supports pipeline_model_parallel_size=1 only: the contrastive loss needs the "
             "last stage's hidden states of every sequence at once; use TP and DP"
         )
