@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 
-import psutil
-from grpo_tiny import GB, REPO, TreeSampler
+from grpo_tiny import GB, run_sampled
 
 BUDGET = {"wall_s": 1200.0, "peak_gb": 6.0}
 
@@ -23,15 +20,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args()
-    since, start = time.time() - 1.0, time.perf_counter()
     env = {**os.environ, "OUT": args.out, "PYTHON": sys.executable, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(["bash", "recipes/demo.sh"], cwd=REPO, env=env)
-    sampler = TreeSampler(psutil.Process(proc.pid), since)
-    sampler.start()
-    rc = proc.wait()
-    wall = time.perf_counter() - start
-    sampler.stop_event.set()
-    sampler.join()
+    rc, wall, sampler = run_sampled(["bash", "recipes/demo.sh"], env)
     peak = sampler.peak_pss / GB
     print(
         f"demo exit {rc}; wall {wall:.0f} s; peak summed PSS {peak:.2f} GB, summed RSS "

@@ -99,6 +99,20 @@ def mean(rows: list[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, float, TreeSampler]:
+    """Run `cmd` from the repo root under a TreeSampler: exit code, wall seconds, the sampler."""
+    since = time.time() - 1.0  # create_time has ~10 ms resolution; Ray can't start in the first second
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    sampler = TreeSampler(psutil.Process(proc.pid), since)
+    sampler.start()
+    rc = proc.wait()
+    wall = time.perf_counter() - start
+    sampler.stop_event.set()
+    sampler.join()
+    return rc, wall, sampler
+
+
 def median(rows: list[dict], key: str) -> float:
     vals = [r[key] for r in rows if key in r]
     return statistics.median(vals) if vals else float("nan")
@@ -117,15 +131,7 @@ def main() -> int:
     cmd += [f"trainer.total_training_steps={args.steps}"] if args.steps is not None else []
     cmd += args.extra
     print("$", " ".join(cmd), flush=True)
-    since = time.time() - 1.0  # create_time has ~10 ms resolution; Ray can't start in the first second
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
-    sampler = TreeSampler(psutil.Process(proc.pid), since)
-    sampler.start()
-    rc = proc.wait()
-    wall = time.perf_counter() - start
-    sampler.stop_event.set()
-    sampler.join()
+    rc, wall, sampler = run_sampled(cmd, {**os.environ, "WANDB_MODE": "offline"})
 
     metrics = out / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []

@@ -13,7 +13,6 @@ Files use the layout read by `sft.data.load_sft_pairs`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 from typing import Any
@@ -25,6 +24,7 @@ from ume_r1.synthetic import (
     COLOUR_QUESTION,
     TASKS,
     RowSpec,
+    cli,
     describe,
     draw_row,
     render,
@@ -108,16 +108,7 @@ def make_synthetic_sft(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=512)
-    parser.add_argument("--n-test", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=56)
-    args = parser.parse_args(argv)
-    paths = make_synthetic_sft(args.out, args.seed, args.n_train, args.n_test, args.image_size)
-    for split, path in paths.items():
-        print(f"{split}: {path}")
+    cli(make_synthetic_sft, (__doc__ or "").splitlines()[0], 512, argv)
 
 
 if __name__ == "__main__":

@@ -166,17 +166,21 @@ def make_synthetic(
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(make, description: str, n_train: int, argv: list[str] | None = None) -> None:
+    """The command line shared by the synthetic set writers: `make(out, seed, n_train, n_test, size)`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=n_train)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=56)
     args = parser.parse_args(argv)
-    paths = make_synthetic(args.out, args.seed, args.n_train, args.n_test, args.image_size)
-    for split, path in paths.items():
+    for split, path in make(args.out, args.seed, args.n_train, args.n_test, args.image_size).items():
         print(f"{split}: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(make_synthetic, __doc__.splitlines()[0], 256, argv)
 
 
 if __name__ == "__main__":
