@@ -23,10 +23,10 @@ from sft.data import SFTPair, load_sft_pairs
 from sft.step import encode_pairs, sft_step
 from ume_r1.embed import Embedder
 from ume_r1.fsdp import init_distributed, save_hf_checkpoint, shard
+from ume_r1.metrics import chance_level, hit_at_1, mean
 from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.processor import UMEProcessor
-from ume_r1.retrieval import chance_hit_at_1, hit_at_1
 
 
 def rank_batches(pairs: list[SFTPair], global_batch: int, seed: int, shuffle: bool):
@@ -58,12 +58,21 @@ def evaluate(embedder: Embedder, pairs: list[SFTPair], processor: UMEProcessor) 
     sides = [side for _, side in sorted(candidates.values(), key=lambda c: c[0])]
     q = embedder.gen([p.query for p in pairs])
     c = embedder.gen(sides)
+
+    def hits(queries, cands) -> float:
+        return mean(
+            [
+                hit_at_1(cands[pool] @ queries[i], [pool.index(pos)])
+                for i, (pool, pos) in enumerate(zip(query_pools, positive, strict=True))
+            ]
+        )
+
     return {
         "format_rate": (q.format_rate() * len(pairs) + c.format_rate() * len(sides))
         / (len(pairs) + len(sides)),
-        "disc_hit@1": hit_at_1(q.disc, c.disc, positive, query_pools),
-        "gen_hit@1": hit_at_1(q.gen, c.gen, positive, query_pools),
-        "chance_hit@1": chance_hit_at_1(query_pools),
+        "disc_hit@1": hits(q.disc, c.disc),
+        "gen_hit@1": hits(q.gen, c.gen),
+        "chance_hit@1": mean([chance_level("hit@1", len(pool), 1) for pool in query_pools]),
     }
 
 
