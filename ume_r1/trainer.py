@@ -75,7 +75,7 @@ class GRPOTrainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.examples, report = load_examples(
-            list(_as_list(cfg.data.train_files)), cfg.data.image_root, cfg.data.on_bad_row
+            _as_list(cfg.data.train_files), cfg.data.image_root, cfg.data.on_bad_row
         )
         if report.skipped:
             print(
