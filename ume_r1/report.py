@@ -128,7 +128,7 @@ def plot_modes(results: dict[str, Any], path: str) -> None:
     ax.scatter(x, [value("chance", g) for g in groups], marker="_", s=400, color="black", label="chance")
     ax.set_xticks(x, groups)
     ax.set(ylabel="score (%)", title="discriminative vs generative vs oracle")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     _save_figure(fig, path)
 
 
