@@ -154,7 +154,7 @@ class GRPOTrainer:
         with _timer(timing, "prepare"):
             plan = plan_prompts(examples, self.processor.encode)
         with _timer(timing, "rollout"):
-            responses = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
+            responses, timing["generate"] = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
         with _timer(timing, "forward"):
             data, prompt_index = build_sequences(plan.prompts, responses, self.processor.pad_id)
             data.meta_info["seed"] = step
@@ -192,13 +192,13 @@ class GRPOTrainer:
         timing["step"] = time.perf_counter() - start
         return self.step_metrics(plan, data, prompt_index, scores, update_metrics, timing)
 
-    def rollout(self, plan: StepPrompts, seed: int) -> list[list[list[int]]]:
-        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order."""
+    def rollout(self, plan: StepPrompts, seed: int) -> tuple[list[list[list[int]]], float]:
+        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, and
+        the slowest worker's generation seconds."""
         workers = self.rollouts.world_size
         chunks = [list(c) for c in np.array_split(np.arange(len(plan.prompts)), workers)]
         results = self.rollouts.generate([[plan.prompts[i] for i in c] for c in chunks], [seed] * workers)
-        self.last_rollout_seconds = max(r["seconds"] for r in results)
-        return [group for r in results for group in r["responses"]]
+        return [group for r in results for group in r["responses"]], max(r["seconds"] for r in results)
 
     def sync_weights(self) -> None:
         """Learner -> every rollout worker; one copy in the object store, shared by all workers."""
@@ -219,7 +219,7 @@ class GRPOTrainer:
                 "embedding/has_gen_emb": float(data.batch["has_gen_emb"].float().mean()),
                 "response/length_mean": float(mask.sum(1).mean()),
                 "actor/entropy": masked_mean(data.batch["entropy"]),
-                "rollout/tokens_per_s": generated / max(self.last_rollout_seconds, 1e-9),
+                "rollout/tokens_per_s": generated / max(timing["generate"], 1e-9),
                 "perf/tokens_per_s": float(data.batch["attention_mask"].sum()) / timing["step"],
             }
         )
