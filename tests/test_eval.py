@@ -251,7 +251,8 @@ def test_gen_embedding_comes_from_the_generated_response(tiny_model_dir: str) ->
     for i, side in enumerate(sides):
         prompt = processor.encode(side)
         assert g in prompt.input_ids  # the instruction's literal tag: a trap the embedding must avoid
-        (response,) = embedder.rollout.generate([prompt], n=1, seed=0)[0]  # greedy, as in embed_sides
+        # greedy, as embed_sides
+        (response,) = embedder.rollout.generate([prompt], n=1, seed=0, do_sample=False)[0]
         assert processor.tokenizer.decode(response) == emb.responses[i]
         ids = torch.tensor([prompt.input_ids + response])
         with torch.no_grad():

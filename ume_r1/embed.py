@@ -73,11 +73,10 @@ class Embedder:
     @torch.no_grad()
     def gen(self, sides: list[Side], do_sample: bool = False, n: int = 1, seed: int = 0) -> Embeddings:
         """Greedy by default; with sampling, n responses per side (rows side-major: side i, sample j)."""
-        self.rollout.config.do_sample = do_sample
         parts: dict[str, list] = {"disc": [], "gen": [], "has": [], "texts": []}
         for start in range(0, len(sides), self.batch_size):
             prompts = [self.processor.encode(s) for s in sides[start : start + self.batch_size]]
-            groups = self.rollout.generate(prompts, n=n, seed=seed + start)
+            groups = self.rollout.generate(prompts, n=n, seed=seed + start, do_sample=do_sample)
             expanded = [p for p in prompts for _ in range(n)]
             responses = [r for group in groups for r in group]
             batch = pack_sequences(expanded, responses, self.processor.pad_id)

@@ -42,7 +42,10 @@ class HFRollout:
         return cls(model, tokenizer, config, device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[EncodedPrompt], n: int, seed: int) -> list[list[list[int]]]:
+    def generate(
+        self, prompts: list[EncodedPrompt], n: int, seed: int, do_sample: bool | None = None
+    ) -> list[list[list[int]]]:
+        """G = n responses per prompt; `do_sample` overrides the config (greedy embedding inference)."""
         cfg = self.config
         torch.manual_seed(seed)
         out: list[list[list[int]]] = []
@@ -55,7 +58,7 @@ class HFRollout:
             sequences = self.model.generate(
                 **batch,
                 mm_token_type_ids=types,
-                do_sample=cfg.do_sample,
+                do_sample=cfg.do_sample if do_sample is None else do_sample,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 top_k=cfg.top_k if cfg.top_k > 0 else None,
