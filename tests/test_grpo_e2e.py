@@ -40,10 +40,12 @@ def local_ray():
 
 LAYOUTS = [
     pytest.param(["rollout.num_workers=2"], id="cpu-2-rollout-workers"),
-    pytest.param(["trainer.colocate_rollout=true", "rollout.num_workers=1"], id="cpu-colocated"),
+    pytest.param(["trainer.hybrid_engine=true"], id="cpu-hybrid-hf"),
+    pytest.param(["rollout.name=vllm", "trainer.hybrid_engine=true"], id="cpu-hybrid-vllm"),
+    pytest.param(["rollout.name=vllm", "rollout.num_workers=2"], id="cpu-2-vllm-rollout-workers"),
     pytest.param(
-        ["trainer.device=cuda", "trainer.colocate_rollout=true", "rollout.num_workers=1"],
-        id="cuda-colocated",
+        ["trainer.device=cuda", "trainer.hybrid_engine=true"],
+        id="cuda-hybrid-hf",
         marks=pytest.mark.gpu,
     ),
 ]
@@ -76,10 +78,15 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
     assert rows[1]["actor/kl_to_ref"] > 0
 
     learner = trainer.learners.full_state_dict()[0]
-    for replica in trainer.rollouts.state_dict():
-        assert replica.keys() == learner.keys()
-        for name, tensor in learner.items():
-            assert torch.equal(replica[name], tensor.to(replica[name].dtype)), name  # bf16 rollout on GPU
+    if cfg.rollout.name == "vllm":  # (vLLM's copy is checked against the learner in test_vllm_rollout)
+        trainable = sum(v.numel() * 4 for k, v in learner.items() if not k.startswith("model.visual."))
+        assert rows[1]["sync/bytes"] == trainable and rows[1]["sync/buckets"] >= 1
+    elif not trainer.hybrid:  # (the hybrid hf engine generates with the actor's own module)
+        assert rows[1]["sync/bytes"] > 0
+        for replica in trainer.rollouts.state_dict():
+            assert replica.keys() == learner.keys()
+            for name, tensor in learner.items():
+                assert torch.equal(replica[name], tensor.to(replica[name].dtype)), name  # bf16 rollout on GPU
 
     load = Qwen2VLForConditionalGeneration.from_pretrained
     reloaded = load(final, local_files_only=True).state_dict()

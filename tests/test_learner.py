@@ -3,21 +3,12 @@ that one update moves log-probs in the direction of the advantages."""
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
-
-import pytest
 import torch
-import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from verl.trainer.ppo.core_algos import kl_penalty
 
 from ume_r1.data import Side
 from ume_r1.processor import UMEProcessor
-from ume_r1.trainer import build_sequences, grpo_advantages, learner_config
-from workers.learner import LearnerWorker
-
-CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+from ume_r1.trainer import build_sequences, grpo_advantages
 
 
 def reference_advantages(rewards: list[float], groups: list[int], eps: float = 1e-6) -> list[float]:
@@ -41,35 +32,6 @@ def test_grpo_advantages_match_reference():
     torch.testing.assert_close(adv[:, 0], expected)
     assert torch.equal(adv[0, 3:], torch.zeros(2))
     assert torch.allclose(adv[1], adv[1, :1].expand(5))
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def learner(request, tiny_model_dir, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {
-        "WORLD_SIZE": "1",
-        "RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }.items():
-        monkeypatch.setenv(key, value)
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(
-            config_name="grpo",
-            overrides=[
-                "profile=tiny",
-                f"model.path={tiny_model_dir}",
-                "data.train_files=unused",
-                "actor.optim.lr=1e-4",
-                "actor.ppo_mini_batch_size=null",
-            ],
-        )
-    worker = LearnerWorker(learner_config(cfg))
-    worker.init_model(tiny_model_dir)
-    yield worker
-    dist.destroy_process_group()
 
 
 def test_update_follows_the_advantages(learner, tiny_model_dir):

@@ -107,7 +107,12 @@ def ray_head():
         assert not leftovers, f"processes of the test's Ray head outlived it: {leftovers}"
 
 
-def test_recipe_runs_as_ray_job(ray_head, tiny_model_dir, synthetic_dir, tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [[], ["rollout.name=vllm", "trainer.hybrid_engine=true"]],
+    ids=["hf-standalone", "vllm-hybrid"],
+)
+def test_recipe_runs_as_ray_job(layout, ray_head, tiny_model_dir, synthetic_dir, tmp_path):
     url, env = ray_head
     run_dir = tmp_path / "run"
     result = subprocess.run(
@@ -128,6 +133,7 @@ def test_recipe_runs_as_ray_job(ray_head, tiny_model_dir, synthetic_dir, tmp_pat
             f"trainer.default_local_dir={run_dir}",
             "trainer.total_training_steps=2",
             "trainer.logger=[console]",
+            *layout,
         ],
         env=env,
         capture_output=True,

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from ume_r1.data import load_examples
 from ume_r1.model import resolve_dtype
 from ume_r1.processor import UMEProcessor
-from workers.rollout import HFRollout
+from ume_r1.rollout.hf import HFRollout
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -47,5 +47,5 @@ def test_samples_per_prompt_stop_and_suppression(rollout, tiny_model_dir, synthe
 
     # Loading new weights changes what is sampled under the same seed.
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in rollout.model.state_dict().items()}
-    rollout.load_weights(state)
+    rollout.load_weights(state.items())
     assert groups != rollout.generate(prompts, n=4, seed=7)

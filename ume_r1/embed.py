@@ -13,8 +13,24 @@ from ume_r1.batch import collate_prompts, media_inputs, mm_token_type_ids, pack_
 from ume_r1.data import Side
 from ume_r1.policy import EmbeddingPolicy, disc_embeddings
 from ume_r1.processor import UMEProcessor
+from ume_r1.rollout import make_engine
+from ume_r1.rollout.hf import HFRollout
 from ume_r1.template import format_ok
-from workers.rollout import HFRollout
+
+# The vLLM engine for evaluation: one process, eager, prefix caching (candidates share the template).
+VLLM_EVAL_SETTINGS = {
+    "seed": 0,
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.5,
+    "tensor_model_parallel_size": 1,
+    "free_cache_engine": False,
+    "max_num_batched_tokens": None,
+    "max_num_seqs": 256,
+    "enable_chunked_prefill": False,
+    "enable_prefix_caching": True,
+    "cpu_kvcache_space_gb": 1,
+    "limit_mm_per_prompt": {"image": 8, "video": 1},
+}
 
 
 @dataclass
@@ -37,21 +53,33 @@ class Embedder:
         batch_size: int = 16,
         max_new_tokens: int = 128,
         temperature: float = 1.0,
+        rollout: str = "hf",
+        model_dir: str | None = None,
     ) -> None:
+        """`rollout` is the generation backend: `hf` samples with `model` itself; `vllm` starts an
+        engine on `model_dir` (the same weights), and `model` then only embeds."""
         self.processor, self.device, self.batch_size = processor, device, batch_size
         self.model = model.eval()
         self.policy = EmbeddingPolicy(model, processor.gen_emb_id, processor.disc_emb_id)
         config = OmegaConf.create(
             {
+                "name": rollout,
                 "micro_batch_size": batch_size,
                 "do_sample": True,
                 "temperature": temperature,
                 "top_p": 1.0,
                 "top_k": -1,
+                "prompt_length": processor.max_prompt_length,
                 "response_length": max_new_tokens,
+                **VLLM_EVAL_SETTINGS,
             }
         )
-        self.rollout = HFRollout(model, processor.tokenizer, config, device)
+        if rollout == "hf":
+            self.rollout = HFRollout(model, processor.tokenizer, config, device)
+        elif model_dir is None:
+            raise ValueError(f"rollout={rollout!r} loads its own engine: pass model_dir")
+        else:
+            self.rollout = make_engine(config, model_dir, device, next(model.parameters()).dtype)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}

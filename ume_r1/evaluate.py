@@ -219,6 +219,7 @@ def evaluate(
     pass_k_max_queries: int | None = None,
     max_pixels: int | None = None,
     seed: int = 0,
+    rollout: str = "hf",
 ) -> dict[str, Any]:
     """Evaluate `model_dir` on the datasets of `config`; returns every number (see `write_outputs`).
 
@@ -243,7 +244,9 @@ def evaluate(
 
     dev = resolve_device(device)
     model, _ = load_model(model_dir, dev, resolve_dtype("auto", dev))
-    embedder = Embedder(model, processor, dev, batch_size, max_new_tokens, temperature)
+    embedder = Embedder(
+        model, processor, dev, batch_size, max_new_tokens, temperature, rollout=rollout, model_dir=model_dir
+    )
     emb = embed_sides(embedder, table.sides, modes)
     # Scores in fp32: bf16 (GPU) dot products would round near-equal similarities into ties.
     by_mode = {"disc": emb.disc.float(), "gen": emb.gen.float() if emb.gen is not None else None}
@@ -426,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="generation backend")
     parser.add_argument(
         "--make-synthetic-config", metavar="OUT_DIR", help="write synthetic eval files + config"
     )
@@ -453,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             pass_k_max_queries=args.pass_k_max_queries,
             max_pixels=args.max_pixels,
             seed=args.seed,
+            rollout=args.rollout,
         )
     except (FileNotFoundError, ValueError) as e:
         # Config, data and model-directory problems are the user's to fix: one clear line, no traceback.

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from ume_r1.model import write_hf_checkpoint
 from ume_r1.policy import EmbeddingPolicy
@@ -54,3 +57,32 @@ def save_hf_checkpoint(policy: EmbeddingPolicy, tokenizer, source_path: str, out
         write_hf_checkpoint(state, policy.model.config, tokenizer, source_path, out_dir)
     dist.barrier()
     return out_dir
+
+
+def iter_full_parameters(
+    policy: EmbeddingPolicy, dtype: torch.dtype, trainable_only: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor in `dtype`) one parameter at a time, so at most one unsharded parameter
+    (plus what the consumer keeps) is alive. Collective: every rank must iterate to the end."""
+    for name, param in policy.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        yield name.removeprefix("model."), full.detach().to(dtype)
+
+
+@contextmanager
+def gathered(policy: EmbeddingPolicy):
+    """Every FSDP unit of `policy` unsharded, and kept so across forwards: inside, modules run with no
+    collective, so each rank can generate its own prompts for as many steps as it needs. The hybrid
+    worker's hf rollout generates from the actor's own weights this way."""
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    policy.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        policy.set_reshard_after_forward(True)
+        for unit in units:
+            unit.reshard()

@@ -174,7 +174,7 @@ def build_tiny_model(
     seed: int = 0,
     hidden_size: int = 64,
     num_layers: int = 2,
-    num_heads: int = 4,
+    num_heads: int = 2,
     vocab_size: int = 512,
     vision_embed_dim: int = 32,
     vision_depth: int = 1,
@@ -186,6 +186,11 @@ def build_tiny_model(
     renamed). Returns the directory."""
     if hidden_size > 128:
         raise ValueError(f"tiny model hidden_size must be <= 128, got {hidden_size}")
+    if hidden_size // num_heads < 32:
+        # vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ... only.
+        raise ValueError(
+            f"tiny model head size must be >= 32 (vLLM's CPU attention), got {hidden_size // num_heads}"
+        )
     torch.manual_seed(seed)
     tokenizer = _train_tiny_tokenizer(vocab_size, extra_text or [])
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS}

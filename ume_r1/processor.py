@@ -22,13 +22,17 @@ from ume_r1.template import DISC_EMB, GEN_EMB, IMAGE_PAD, VIDEO_PAD, chat_prompt
 
 @dataclass
 class EncodedPrompt:
-    """A tokenised prompt and its pixel inputs (None when the side has no such media)."""
+    """A tokenised prompt and its pixel inputs (None when the side has no such media). `images` and
+    `video` are the media already resized to the model's patch grid: what a rollout engine that runs
+    its own processor (vLLM) is given, so both backends see the same pixels."""
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    images: list[Image.Image] | None = None
+    video: list[Image.Image] | None = None
 
     def key(self) -> tuple:
         """Identity for de-duplication: same tokens and same pixels means the same prompt."""
@@ -69,11 +73,14 @@ class UMEProcessor:
         prompt = chat_prompt(side.text, num_images=len(side.images), has_video=bool(side.video))
         encoded = EncodedPrompt(input_ids=[])
         if side.images:
-            feats = self.image_processor(images=side.images, return_tensors="pt")
+            encoded.images = [self.resized(image) for image in side.images]
+            feats = self.image_processor(images=encoded.images, return_tensors="pt")
             encoded.pixel_values, encoded.image_grid_thw = feats["pixel_values"], feats["image_grid_thw"]
             prompt = self._expand(prompt, IMAGE_PAD, encoded.image_grid_thw)
         if side.video:
-            encoded.pixel_values_videos, encoded.video_grid_thw = self.video_patches(side.video)
+            size = self.resized(side.video[0]).size
+            encoded.video = [frame.convert("RGB").resize(size, Image.BICUBIC) for frame in side.video]
+            encoded.pixel_values_videos, encoded.video_grid_thw = self.video_patches(encoded.video)
             prompt = self._expand(prompt, VIDEO_PAD, encoded.video_grid_thw)
         encoded.input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(encoded.input_ids) > self.max_prompt_length:
@@ -89,19 +96,27 @@ class UMEProcessor:
         counts = (grids.prod(-1) // self.merge**2).tolist()
         return "".join(p + pad * n for p, n in zip(pieces[:-1], counts, strict=True)) + pieces[-1]
 
+    def resized(self, image: Image.Image) -> Image.Image:
+        """RGB, resized to the patch grid Qwen2-VL's processor picks (smart_resize within min/max pixels);
+        processing it again at that size is the identity, whichever processor does it."""
+        ip = self.image_processor
+        w, h = image.size
+        rh, rw = smart_resize(
+            h,
+            w,
+            factor=ip.patch_size * ip.merge_size,
+            min_pixels=ip.size["shortest_edge"],
+            max_pixels=ip.size["longest_edge"],
+        )
+        image = image.convert("RGB")
+        return image if image.size == (rw, rh) else image.resize((rw, rh), Image.BICUBIC)
+
     def video_patches(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Qwen2-VL video patches: frames resized to one size, normalised, grouped in time by
         temporal_patch_size (the last frame repeated to fill the group), flattened per merged window."""
         ip = self.image_processor
         patch, tps, merge = ip.patch_size, ip.temporal_patch_size, ip.merge_size
-        w, h = frames[0].size
-        rh, rw = smart_resize(
-            h,
-            w,
-            factor=patch * merge,
-            min_pixels=ip.size["shortest_edge"],
-            max_pixels=ip.size["longest_edge"],
-        )
+        rw, rh = self.resized(frames[0]).size
         mean, std = (
             np.asarray(ip.image_mean).reshape(1, 3, 1, 1),
             np.asarray(ip.image_std).reshape(1, 3, 1, 1),

@@ -30,6 +30,7 @@ from ume_r1.logger import MetricLogger
 from ume_r1.processor import EncodedPrompt, UMEProcessor
 from ume_r1.reward_api import RewardBatch, available_rewards
 from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
+from workers.hybrid import ActorRolloutRefWorker
 from workers.learner import LearnerWorker
 from workers.reward import RewardWorker
 from workers.rollout import RolloutWorker
@@ -103,26 +104,26 @@ class GRPOTrainer:
         gpu = cfg.trainer.device == "cuda" or (
             cfg.trainer.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
         )
-        learners, rollouts = cfg.learner.num_workers, cfg.rollout.num_workers
-        if cfg.trainer.colocate_rollout:
-            # verl's hybrid layout: rollout worker i shares learner rank i's GPU (half each in Ray's books).
-            if rollouts != learners:
-                raise ValueError(
-                    f"trainer.colocate_rollout needs rollout.num_workers == learner.num_workers "
-                    f"({rollouts} != {learners})"
-                )
-            learner_pool = rollout_pool = RayResourcePool([learners], use_gpu=gpu, max_colocate_count=2)
-        else:
-            learner_pool = RayResourcePool([learners], use_gpu=gpu, max_colocate_count=1)
+        learner_pool = RayResourcePool([cfg.learner.num_workers], use_gpu=gpu, max_colocate_count=1)
+        self.hybrid = bool(cfg.trainer.hybrid_engine)
+        model_path = str(Path(cfg.model.path).resolve())
+        if self.hybrid:  # verl's ActorRolloutRef: each learner rank generates with its own engine
+            self.learners = worker_group(
+                ActorRolloutRefWorker, learner_pool, _threads(cfg, 1), learner_config(cfg)
+            )
+            self.rollouts = self.learners
+            self.learners.init_model(model_path)
+        else:  # standalone rollout workers, scaled independently of the learners
+            self.learners = worker_group(LearnerWorker, learner_pool, _threads(cfg, 1), learner_config(cfg))
+            rollouts = cfg.rollout.num_workers
             rollout_pool = RayResourcePool([rollouts], use_gpu=gpu, max_colocate_count=1)
-        self.learners = worker_group(LearnerWorker, learner_pool, _threads(cfg, 1), learner_config(cfg))
-        rollout_threads = _threads(cfg, rollouts)
-        self.rollouts = worker_group(RolloutWorker, rollout_pool, rollout_threads, _plain(cfg.rollout))
+            self.rollouts = worker_group(
+                RolloutWorker, rollout_pool, _threads(cfg, rollouts), _plain(cfg.rollout)
+            )
+            self.learners.init_model(model_path)
+            self.rollouts.init_model(model_path)
         reward_pool = RayResourcePool([1], use_gpu=False, max_colocate_count=1)
         self.rewarder = worker_group(RewardWorker, reward_pool, 1, _plain(cfg.reward))
-        model_path = str(Path(cfg.model.path).resolve())
-        self.learners.init_model(model_path)
-        self.rollouts.init_model(model_path)
         self.rewarder.init_reward()
         self.logger = MetricLogger(cfg, self.run_dir)
 
@@ -188,7 +189,7 @@ class GRPOTrainer:
             per_rank = self.learners.update_actor(padded).meta_info["metrics"]
             update_metrics = {k: float(np.mean(v)) for k, v in per_rank.items()}  # lists of per-rank values
         with _timer(timing, "sync"):
-            self.sync_weights()
+            update_metrics.update(self.sync_weights())
         timing["step"] = time.perf_counter() - start
         return self.step_metrics(plan, data, prompt_index, scores, update_metrics, timing)
 
@@ -200,10 +201,16 @@ class GRPOTrainer:
         results = self.rollouts.generate([[plan.prompts[i] for i in c] for c in chunks], [seed] * workers)
         return [group for r in results for group in r["responses"]], max(r["seconds"] for r in results)
 
-    def sync_weights(self) -> None:
-        """Learner -> every rollout worker; one copy in the object store, shared by all workers."""
-        state = self.learners.full_state_dict()[0]
-        self.rollouts.load_weights(ray.put(state))
+    def sync_weights(self) -> dict[str, float]:
+        """Learner -> rollout engines. Hybrid: in process, on every rank. Standalone: the learner puts
+        layer-aligned buckets into the object store (one copy per node) and hands the driver only their
+        references, which it forwards to every rollout worker. Returns rank 0's / the publisher's
+        `sync/*` figures (bytes, buckets and seconds per engine)."""
+        if self.hybrid:
+            return self.learners.sync_rollout()[0]
+        published = self.learners.publish_weights()[0]
+        self.rollouts.load_weights(published["refs"])
+        return published["metrics"]
 
     def step_metrics(self, plan, data, prompt_index, scores, update_metrics, timing) -> dict[str, float]:
         mask = data.batch["response_mask"].float()
@@ -247,9 +254,10 @@ def build_sequences(
 
 def learner_config(cfg: DictConfig) -> DictConfig:
     """What a learner worker needs: its own group, the actor's optimisation settings, and the rollout
-    temperature (log-probs are of the sampling distribution)."""
+    group (log-probs are of the sampling temperature; weights go to engines in the rollout's dtype;
+    the hybrid worker runs the engine itself)."""
     return OmegaConf.create(
-        {**_plain(cfg.learner), "actor": _plain(cfg.actor), "rollout_temperature": cfg.rollout.temperature}
+        {**_plain(cfg.learner), "actor": _plain(cfg.actor), "rollout": _plain(cfg.rollout)}
     )
 
 

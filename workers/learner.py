@@ -7,7 +7,10 @@ mini-batch so the loss does not depend on the number of ranks or micro-batches.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -17,9 +20,10 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
 from ume_r1.batch import media_inputs
-from ume_r1.fsdp import full_state_dict, init_distributed, save_hf_checkpoint, shard
+from ume_r1.fsdp import full_state_dict, init_distributed, iter_full_parameters, save_hf_checkpoint, shard
 from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
+from ume_r1.rollout.weights import SyncStats, buckets
 from ume_r1.template import GEN_EMB
 from workers.base import ConfiguredWorker
 
@@ -66,7 +70,7 @@ class LearnerWorker(ConfiguredWorker):
         batch = {k: data.batch[k].to(self.device) for k in SEQUENCE_KEYS}
         media = {k: v.to(self.device) for k, v in media_inputs(list(data.non_tensor_batch["prompt"])).items()}
         return module(
-            **batch, **media, temperature=self.config.rollout_temperature, with_entropy=with_entropy
+            **batch, **media, temperature=self.config.rollout.temperature, with_entropy=with_entropy
         )
 
     def _micro_batches(self, data: DataProto) -> list[DataProto]:
@@ -164,6 +168,29 @@ class LearnerWorker(ConfiguredWorker):
             metrics["actor/kl_loss"] = float(kl_loss.detach())
         loss.backward()
         return metrics
+
+    def rollout_weight_buckets(self):
+        """The actor's weights for rollout engines: full tensors in the engine's compute dtype (bf16 on
+        GPU), in layer-aligned buckets of at most `rollout.weight_bucket_mb`. Trainable parameters only:
+        every engine loaded the same checkpoint, so frozen ones (a frozen vision tower) already match.
+        Collective on all ranks."""
+        rollout = self.config.rollout
+        named = iter_full_parameters(
+            self.policy, resolve_dtype(rollout.dtype, self.device), trainable_only=True
+        )
+        return buckets(named, int(rollout.weight_bucket_mb * 2**20))
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def publish_weights(self) -> dict:
+        """Standalone layout: rank 0 puts each bucket into Ray's object store (moved to CPU) and returns
+        the references; rollout workers fetch them, so no weight passes through the driver."""
+        stats, refs, start = SyncStats(), [], time.perf_counter()
+        for bucket in self.rollout_weight_buckets():
+            if self.rank == 0:
+                refs.append(ray.put([(name, t.cpu()) for name, t in bucket]))
+                stats.add(bucket)
+        stats.seconds = time.perf_counter() - start
+        return {"refs": refs, "metrics": stats.metrics()}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def full_state_dict(self) -> dict[str, torch.Tensor]:
