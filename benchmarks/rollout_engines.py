@@ -52,7 +52,7 @@ def throughput(rounds: int, work: Path) -> None:
     for name in ("hf", "vllm"):
         cfg = OmegaConf.merge(
             base,
-            {"name": name, "device": "cpu", "prompt_length": 512, "response_length": 256, "seed": 0},
+            {"name": name, "device": "cpu", "response_length": 256, "seed": 0},
             {"micro_batch_size": 16, "enforce_eager": True, "cpu_kvcache_space_gb": 1},
         )
         engines[name] = (cfg, make_engine(cfg, model, torch.device("cpu"), torch.float32))

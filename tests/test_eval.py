@@ -7,6 +7,8 @@ import itertools
 import json
 import math
 import shutil
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -337,3 +339,21 @@ def test_evaluate_end_to_end(tiny_model_dir: str, synthetic_dir: dict[str, str],
         "results.json",
         "results.md",
     ]  # no temp files left behind
+
+
+def test_evaluate_with_vllm_generation_equals_hf(
+    tiny_model_dir: str, synthetic_dir: dict[str, str], tmp_path: Path
+) -> None:
+    """The CLI with `--rollout vllm` (its own process: vLLM's state is per process) scores exactly what
+    the hf backend scores: greedy generations are the same tokens, embedded by the same forward."""
+    config = make_synthetic_eval(synthetic_dir["test"], str(tmp_path / "eval"))
+    common = dict(modes=["gen"], max_new_tokens=16, batch_size=16, device="cpu")
+    hf = evaluate(tiny_model_dir, config, **common)
+    out = tmp_path / "vllm"
+    args = ["--model", tiny_model_dir, "--config", config, "--out", str(out), "--modes", "gen"]
+    args += ["--max-new-tokens", "16", "--batch-size", "16", "--device", "cpu", "--rollout", "vllm"]
+    done = subprocess.run([sys.executable, "-m", "ume_r1.evaluate", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vllm = json.loads((out / "results.json").read_text())
+    assert vllm["per_query"]["gen"] == hf["per_query"]["gen"]
+    assert vllm["generation"] == json.loads(json.dumps(hf["generation"]))

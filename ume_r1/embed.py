@@ -25,6 +25,7 @@ VLLM_EVAL_SETTINGS = {
     "tensor_model_parallel_size": 1,
     "free_cache_engine": False,
     "max_num_batched_tokens": None,
+    "max_model_len": None,
     "max_num_seqs": 256,
     "enable_chunked_prefill": False,
     "enable_prefix_caching": True,
@@ -69,7 +70,6 @@ class Embedder:
                 "temperature": temperature,
                 "top_p": 1.0,
                 "top_k": -1,
-                "prompt_length": processor.max_prompt_length,
                 "response_length": max_new_tokens,
                 **VLLM_EVAL_SETTINGS,
             }

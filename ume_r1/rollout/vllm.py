@@ -57,7 +57,7 @@ class VLLMRollout:
             model=model_path,
             dtype=dtype,
             seed=int(config.seed),
-            max_model_len=int(config.prompt_length + config.response_length),
+            max_model_len=config.max_model_len,  # null: the checkpoint's maximum
             enforce_eager=bool(config.enforce_eager),
             gpu_memory_utilization=float(config.gpu_memory_utilization),
             tensor_parallel_size=1,
