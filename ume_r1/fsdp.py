@@ -77,12 +77,15 @@ def gathered(policy: EmbeddingPolicy):
     collective, so each rank can generate its own prompts for as many steps as it needs. The hybrid
     worker's hf rollout generates from the actor's own weights this way."""
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-    policy.set_reshard_after_forward(False)
+    inner = [u for u in units if u is not policy]  # the root keeps its own policy; it is not called here
+    for unit in inner:
+        unit.set_reshard_after_forward(False, recurse=False)
     for unit in units:
         unit.unshard()
     try:
         yield
     finally:
-        policy.set_reshard_after_forward(True)
+        for unit in inner:
+            unit.set_reshard_after_forward(True, recurse=False)  # `shard` built them with the default
         for unit in units:
             unit.reshard()
