@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from qwen2_vl_shapes import QWEN2_VL
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from sft.synthetic_cot import make_synthetic_sft
@@ -35,26 +36,22 @@ def build_2b_shaped(out: Path, image_size: int) -> int:
         t: tokenizer.convert_tokens_to_ids(t)
         for t in (ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
     }
+    shape = QWEN2_VL["2B"]
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
+            **shape["text_config"],
             max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
             bos_token_id=ids[ENDOFTEXT],
             eos_token_id=ids[IM_END],
             pad_token_id=ids[ENDOFTEXT],
         ),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+        vision_config=shape["vision_config"],
         image_token_id=ids[IMAGE_PAD],
         video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape["tie_word_embeddings"],
     )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)

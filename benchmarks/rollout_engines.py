@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_tiny import REPO, STAGES, median, run_sampled  # noqa: E402
+from qwen2_vl_shapes import QWEN2_VL  # noqa: E402
 
 GB = 1e9
 
@@ -133,34 +134,6 @@ def layouts(rounds: int, steps: int, work: Path, extra: list[str]) -> None:
             f"{median(rows, 'sync/seconds'):6.3f}  {median(rows, 'rollout/tokens_per_s'):13.0f}  "
             f"{statistics.median(rep['pss'] for rep in reps):11.2f}"
         )
-
-
-QWEN2_VL = {
-    "2B": dict(
-        text_config=dict(
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            vocab_size=151936,
-        ),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
-        tie_word_embeddings=True,
-    ),
-    "7B": dict(
-        text_config=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-        ),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
-        tie_word_embeddings=False,
-    ),
-}
 
 
 def sizes(workers: int) -> None:

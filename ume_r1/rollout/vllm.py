@@ -33,12 +33,12 @@ def collapse_placeholders(input_ids: list[int], pad_ids: Iterable[int]) -> list[
 def engine_environment(config) -> None:
     """Settings vLLM reads from the environment, before its engine starts; a value the user exported
     wins. The engine's private process group binds 127.0.0.1 (it is one process: nothing remote
-    needs it), and on CPU the KV cache gets `rollout.cpu_kvcache_space_gb` and threads are left
-    unpinned, so two engines on one machine do not both pin core 0."""
+    needs it); on CPU the KV cache gets `rollout.cpu_kvcache_space_gb`. An in-process engine pins no
+    threads (vLLM binds OpenMP threads only when it spawns engine processes): it runs on the torch
+    threads the worker was granted."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(config.cpu_kvcache_space_gb)))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 class VLLMRollout:
