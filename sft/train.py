@@ -24,7 +24,7 @@ from sft.step import encode_pairs, sft_step
 from ume_r1.embed import Embedder
 from ume_r1.fsdp import init_distributed, save_hf_checkpoint, shard
 from ume_r1.metrics import chance_level, hit_at_1, mean
-from ume_r1.model import load_model, resolve_device, resolve_dtype
+from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.processor import UMEProcessor
 
@@ -91,6 +91,7 @@ def train(cfg: DictConfig) -> dict:
     processor = UMEProcessor.from_pretrained(cfg.model.path, cfg.data.max_length, cfg.data.max_pixels)
 
     model, tokenizer = load_model(cfg.model.path, device, torch.float32)
+    enable_gradient_checkpointing(model, tc.gradient_checkpointing, device)
     if tc.freeze_vision_tower:
         model.model.visual.requires_grad_(False)
     mesh = init_device_mesh(device.type, (world,))

@@ -3,10 +3,12 @@ that one update moves log-probs in the direction of the advantages."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from verl.trainer.ppo.core_algos import kl_penalty
 
 from ume_r1.data import Side
+from ume_r1.policy import token_log_probs
 from ume_r1.processor import UMEProcessor
 from ume_r1.trainer import build_sequences, grpo_advantages
 
@@ -71,3 +73,80 @@ def test_update_follows_the_advantages(learner, tiny_model_dir):
     assert gained[1] < 0 and gained[2] < 0, gained
     kl = kl_penalty(after.batch["old_log_probs"], data.batch["ref_log_prob"], "low_var_kl")
     assert float((kl * mask).sum()) > 0
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 1024])
+def test_chunked_log_probs_and_entropy_equal_the_plain_formula(chunk_tokens):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 13, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(500, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 500, (3, 13))
+    upstream = torch.randn(3, 13, dtype=torch.float64)
+    # The plain formula: full logits, log-softmax, gather; entropy -sum p log p.
+    logp_full = torch.log_softmax((hidden @ weight.T) / 0.7, dim=-1)
+    plain = logp_full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    plain_entropy = -(logp_full.exp() * logp_full).sum(-1)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), (hidden, weight))
+
+    got, entropy = token_log_probs(hidden, weight, targets, 0.7, chunk_tokens, with_entropy=True)
+    torch.testing.assert_close(got, plain.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, plain_entropy.float(), rtol=0, atol=1e-5)
+    grads = torch.autograd.grad((got.double() * upstream).sum(), (hidden, weight))
+    for mine, theirs in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        no_entropy = token_log_probs(hidden, weight, targets, 0.7, chunk_tokens)
+    assert no_entropy[1] is None and torch.equal(no_entropy[0], got.detach())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthetic_dir):
+    from ume_r1.batch import media_inputs
+    from ume_r1.data import load_examples
+    from ume_r1.model import enable_gradient_checkpointing, load_model
+    from ume_r1.policy import EmbeddingPolicy
+
+    processor = UMEProcessor.from_pretrained(tiny_model_dir)
+    examples, _ = load_examples(synthetic_dir["train"])
+    prompts = [processor.encode(ex.query) for ex in examples[:3]]  # with images: the vision tower too
+    tok = processor.tokenizer
+    responses = [
+        [tok(f"<think>{w}</think><answer>{w}<gen_emb>", add_special_tokens=False)["input_ids"]]
+        for w in ("red", "blue star", "a green square")
+    ]
+    data, _ = build_sequences(prompts, responses, processor.pad_id)
+    batch = {k: data.batch[k] for k in ("input_ids", "attention_mask", "responses", "response_mask")}
+    grads = []
+    for setting in (False, True):
+        model, _ = load_model(tiny_model_dir)
+        assert enable_gradient_checkpointing(model, setting, torch.device("cpu")) == setting
+        assert model.is_gradient_checkpointing == setting
+        policy = EmbeddingPolicy(model, processor.gen_emb_id).train()
+        out = policy(**batch, **media_inputs(prompts), with_entropy=False)
+        ((out["log_probs"] * batch["response_mask"]).sum() + out["embeddings"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_logged_losses_are_true_means_whatever_the_micro_batching(learner, tiny_model_dir):
+    """Fresh old log-probs make every ratio 1, so the PPO loss is exactly -token-mean(advantages) and the
+    KL to an identical reference is 0; four micro-batches must log that, not a quarter of it."""
+    processor = UMEProcessor.from_pretrained(tiny_model_dir)
+    tok = processor.tokenizer
+    prompts = [processor.encode(Side(text="a red circle")), processor.encode(Side(text="a blue star"))]
+    words = [["red", "a round red shape"], ["blue five points", "star"]]
+    responses = [[tok(w, add_special_tokens=False)["input_ids"] for w in pair] for pair in words]
+    data, _ = build_sequences(prompts, responses, processor.pad_id)
+    data.union(learner.compute_log_prob(data))
+    data.union(learner.compute_ref_log_prob(data))
+    mask = data.batch["response_mask"].float()
+    data.batch["advantages"] = mask * torch.tensor([[1.5], [-0.5], [0.25], [-2.0]])
+    data.meta_info["seed"] = 0
+    learner.config.actor.micro_batch_size_per_gpu = 1
+    metrics = learner.update_actor(data).meta_info["metrics"]
+    expected = -float((data.batch["advantages"] * mask).sum() / mask.sum())
+    assert metrics["actor/pg_loss"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
+    learner.config.actor.ppo_mini_batch_size = 3  # responses per optimizer step over all ranks (one here)
+    assert learner._mini_batch_rows(4) == 3

@@ -63,6 +63,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     }[dtype]
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module, setting: bool | None, device: torch.device) -> bool:
+    """Recompute each decoder / vision block's activations in backward instead of keeping them (HF's
+    per-layer checkpointing, non-reentrant so it composes with FSDP2). `setting` None: on with CUDA,
+    off on CPU (where memory is rarely the limit and the recompute is pure cost). Returns whether on."""
+    on = device.type == "cuda" if setting is None else bool(setting)
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return on
+
+
 def _check_local_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not (p / "config.json").is_file():

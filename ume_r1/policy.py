@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ume_r1.batch import mm_token_type_ids
 
@@ -39,12 +40,54 @@ def disc_embeddings(hidden: torch.Tensor, prompt_ids: torch.Tensor, disc_emb_id:
     return hidden_at(hidden, index)
 
 
+def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+    logits = F.linear(hidden, weight).float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(hidden @ weight.T / temperature)[target] per position, and (without gradient) the
+    entropy of that distribution, `chunk_tokens` positions at a time: the fp32 logits of a whole
+    micro-batch (tokens x vocabulary: 4k x 151,936 is 2.5 GB) never exist at once. Under autograd each
+    chunk is checkpointed, so its logits are recomputed in backward instead of kept."""
+    shape = targets.shape
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    log_probs, entropies = [], []
+    for start in range(0, flat_targets.numel(), chunk_tokens):
+        h, t = flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            log_probs.append(checkpoint(_chunk_log_probs, h, weight, t, temperature, use_reentrant=False))
+        else:
+            log_probs.append(_chunk_log_probs(h, weight, t, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                logits = F.linear(h, weight).float() / temperature
+                log_z = torch.logsumexp(logits, dim=-1)
+                entropies.append(log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+    entropy = torch.cat(entropies).reshape(shape) if with_entropy else None
+    return torch.cat(log_probs).reshape(shape), entropy
+
+
 class EmbeddingPolicy(nn.Module):
     """Wraps a Qwen2-VL causal LM so one call (and one FSDP root) yields everything the RL step needs."""
 
-    def __init__(self, model: nn.Module, gen_emb_id: int, disc_emb_id: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        gen_emb_id: int,
+        disc_emb_id: int | None = None,
+        logit_chunk_tokens: int = 1024,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.logit_chunk_tokens = logit_chunk_tokens
         self.gen_emb_id = gen_emb_id
         self.disc_emb_id = disc_emb_id
         cfg = model.config
@@ -70,13 +113,17 @@ class EmbeddingPolicy(nn.Module):
         width = responses.shape[1]
         hidden = out.last_hidden_state[:, -width:]
         # Token t of the response is predicted by the state one step earlier.
-        logits = self.model.lm_head(out.last_hidden_state[:, -width - 1 : -1]).float() / temperature
-        log_probs = torch.log_softmax(logits, dim=-1)
-        # clone: FSDP2 warns about returning views from the root module
-        result = {"log_probs": log_probs.gather(-1, responses.unsqueeze(-1)).squeeze(-1).clone()}
+        log_probs, entropy = token_log_probs(
+            out.last_hidden_state[:, -width - 1 : -1],
+            self.model.lm_head.weight,
+            responses,
+            temperature,
+            self.logit_chunk_tokens,
+            with_entropy,
+        )
+        result = {"log_probs": log_probs.clone()}  # clone: FSDP2 warns about returning views from the root
         if with_entropy:
-            with torch.no_grad():
-                result["entropy"] = -(log_probs.exp() * log_probs).sum(-1)
+            result["entropy"] = entropy
         if self.training and "pixel_values" not in media and "pixel_values_videos" not in media:
             result["log_probs"] = result["log_probs"] + self._touch_vision_tower()
         index, has = gen_emb_positions(responses, response_mask, self.gen_emb_id)

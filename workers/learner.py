@@ -21,13 +21,14 @@ from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
 from ume_r1.batch import media_inputs
 from ume_r1.fsdp import full_state_dict, init_distributed, iter_full_parameters, save_hf_checkpoint, shard
-from ume_r1.model import load_model, resolve_device, resolve_dtype
+from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.rollout.weights import SyncStats, buckets
 from ume_r1.template import GEN_EMB
 from workers.base import ConfiguredWorker
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask")
+LOSS_SHARES = ("actor/pg_loss", "actor/kl_loss")
 
 
 class LearnerWorker(ConfiguredWorker):
@@ -44,6 +45,7 @@ class LearnerWorker(ConfiguredWorker):
 
         # Master weights stay fp32; FSDP casts to param_dtype for compute.
         model, self.tokenizer = load_model(model_path, self.device, torch.float32)
+        enable_gradient_checkpointing(model, cfg.actor.gradient_checkpointing, self.device)
         if cfg.freeze_vision_tower:
             model.model.visual.requires_grad_(False)
         self.gen_emb_id = self.tokenizer.convert_tokens_to_ids(GEN_EMB)
@@ -105,13 +107,30 @@ class LearnerWorker(ConfiguredWorker):
         dist.all_reduce(t)
         return float(t.item())
 
+    def _mini_batch_rows(self, rows: int) -> int:
+        """This rank's rows per optimizer step: `actor.ppo_mini_batch_size` counts responses over all
+        ranks (verl's meaning), so the number of optimizer steps per batch does not depend on how many
+        learner ranks there are. null: the whole step batch, one optimizer step."""
+        size = self.config.actor.ppo_mini_batch_size
+        if size is None:
+            return rows
+        if size % self.world_size:
+            raise ValueError(
+                f"actor.ppo_mini_batch_size={size} must be a multiple of "
+                f"learner.num_workers={self.world_size}"
+            )
+        return max(1, size // self.world_size)
+
     @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
     def update_actor(self, data: DataProto) -> DataProto:
-        """PPO epochs over mini-batches; gradients accumulate over micro-batches."""
+        """PPO epochs over mini-batches; gradients accumulate over micro-batches. The logged losses are
+        the true means over each mini-batch: every micro-batch's loss is its share of the global mean
+        (verl's `global_batch_info`), so the shares are summed here and averaged over ranks by the
+        controller."""
         cfg = self.config.actor
         self.policy.train()
         policy_loss = get_policy_loss_fn(cfg.policy_loss)
-        mini_size = cfg.ppo_mini_batch_size or len(data)
+        mini_size = self._mini_batch_rows(len(data))
         metrics: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(int(data.meta_info.get("seed", 0)))
         for _ in range(cfg.ppo_epochs):
@@ -127,15 +146,20 @@ class LearnerWorker(ConfiguredWorker):
                         "global_batch_info": {
                             "dp_size": self.world_size,
                             "batch_num_tokens": self._global_sum(float(mini.batch["response_mask"].sum())),
-                            "global_batch_size": self._global_sum(float(len(mini))),
+                            # rows with response tokens: padding rows (zero mask) are no sequences
+                            "global_batch_size": self._global_sum(
+                                float((mini.batch["response_mask"].sum(1) > 0).sum())
+                            ),
                         },
                     }
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in self._micro_batches(mini):
-                    step = self._micro_step(micro, policy_loss, loss_config)
-                    for k, v in step.items():
-                        metrics.setdefault(k, []).append(v)
+                micros = self._micro_batches(mini)
+                steps = [self._micro_step(micro, policy_loss, loss_config) for micro in micros]
+                for key in steps[0]:
+                    values = [step[key] for step in steps]
+                    total = key in LOSS_SHARES  # shares of the mini-batch mean: their sum is the mean
+                    metrics.setdefault(key, []).append(float(np.sum(values) if total else np.mean(values)))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 if torch.isfinite(grad_norm):
