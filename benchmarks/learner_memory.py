@@ -40,7 +40,11 @@ def one_step(variant: str, length: int, responses: int) -> dict:
     torch.manual_seed(0)
     shape = QWEN2_VL["2B"]
     config = Qwen2VLConfig(
-        text_config={**shape["text_config"], "num_hidden_layers": 2},
+        text_config={
+            **shape["text_config"],
+            "num_hidden_layers": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        },
         vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 1536, "num_heads": 2, "mlp_ratio": 2},
         tie_word_embeddings=True,
     )
