@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_tiny import REPO, STAGES, median, run_sampled  # noqa: E402
+from grpo_tiny import STAGES, median, run_sampled  # noqa: E402
 from qwen2_vl_shapes import QWEN2_VL  # noqa: E402
 
 GB = 1e9
@@ -35,12 +35,11 @@ def load_line() -> str:
 
 def throughput(rounds: int, work: Path) -> None:
     import torch
-    from omegaconf import OmegaConf
 
     from ume_r1.data import load_examples
     from ume_r1.model import build_tiny_model
     from ume_r1.processor import UMEProcessor
-    from ume_r1.rollout import make_engine
+    from ume_r1.rollout import make_engine, rollout_config
     from ume_r1.synthetic import make_synthetic
 
     model = build_tiny_model(work / "tiny", seed=0)
@@ -48,13 +47,10 @@ def throughput(rounds: int, work: Path) -> None:
     processor = UMEProcessor.from_pretrained(model)
     examples, _ = load_examples(data["train"])
     prompts = [processor.encode(ex.query) for ex in examples]
-    base = OmegaConf.load(REPO / "configs" / "grpo.yaml").rollout
     engines = {}
     for name in ("hf", "vllm"):
-        cfg = OmegaConf.merge(
-            base,
-            {"name": name, "device": "cpu", "response_length": 256, "seed": 0},
-            {"micro_batch_size": 16, "enforce_eager": True, "cpu_kvcache_space_gb": 1},
+        cfg = rollout_config(
+            name=name, response_length=256, micro_batch_size=16, enforce_eager=True, cpu_kvcache_space_gb=1
         )
         engines[name] = (cfg, make_engine(cfg, model, torch.device("cpu"), torch.float32))
     results: dict[tuple[str, int], list[float]] = {}

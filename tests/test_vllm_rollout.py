@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 from vllm import SamplingParams
@@ -19,6 +18,7 @@ from ume_r1.data import Side, load_examples
 from ume_r1.model import load_model
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.processor import UMEProcessor
+from ume_r1.rollout import rollout_config
 from ume_r1.rollout.hf import HFRollout
 from ume_r1.rollout.vllm import VLLMRollout, collapse_placeholders
 from ume_r1.rollout.weights import buckets
@@ -27,37 +27,30 @@ from ume_r1.trainer import build_sequences
 RESPONSE_LENGTH = 24
 
 
-def rollout_config(name: str):
-    return OmegaConf.create(
-        {
-            "name": name,
-            "micro_batch_size": 8,
-            "do_sample": True,
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": -1,
-            "n": 4,
-            "seed": 0,
-            "response_length": RESPONSE_LENGTH,
-            "enforce_eager": True,
-            "gpu_memory_utilization": 0.3,
-            "tensor_model_parallel_size": 1,
-            "free_cache_engine": False,
-            "max_num_batched_tokens": None,
-            "max_model_len": 1024,
-            "max_num_seqs": 64,
-            "enable_chunked_prefill": False,
-            "enable_prefix_caching": True,
-            "cpu_kvcache_space_gb": 1,
-            "limit_mm_per_prompt": {"image": 2, "video": 1},
-        }
+def engine_config(name: str):
+    return rollout_config(
+        name=name,
+        micro_batch_size=8,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        n=4,
+        response_length=RESPONSE_LENGTH,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        free_cache_engine=False,
+        max_model_len=1024,
+        max_num_seqs=64,
+        cpu_kvcache_space_gb=1,
+        limit_mm_per_prompt={"image": 2, "video": 1},
     )
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir):
-    hf = HFRollout.load(tiny_model_dir, rollout_config("hf"), torch.device("cpu"), torch.float32)
-    return hf, VLLMRollout(tiny_model_dir, rollout_config("vllm"), torch.float32)
+    hf = HFRollout.load(tiny_model_dir, engine_config("hf"), torch.device("cpu"), torch.float32)
+    return hf, VLLMRollout(tiny_model_dir, engine_config("vllm"), torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -7,31 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 
 from ume_r1.batch import collate_prompts, media_inputs, mm_token_type_ids, pack_sequences
 from ume_r1.data import Side
 from ume_r1.policy import EmbeddingPolicy, disc_embeddings
 from ume_r1.processor import UMEProcessor
-from ume_r1.rollout import make_engine
+from ume_r1.rollout import make_engine, rollout_config
 from ume_r1.rollout.hf import HFRollout
 from ume_r1.template import format_ok
-
-# The vLLM engine for evaluation: one process, eager, prefix caching (candidates share the template).
-VLLM_EVAL_SETTINGS = {
-    "seed": 0,
-    "enforce_eager": True,
-    "gpu_memory_utilization": 0.5,
-    "tensor_model_parallel_size": 1,
-    "free_cache_engine": False,
-    "max_num_batched_tokens": None,
-    "max_model_len": None,
-    "max_num_seqs": 256,
-    "enable_chunked_prefill": False,
-    "enable_prefix_caching": True,
-    "cpu_kvcache_space_gb": 1,
-    "limit_mm_per_prompt": {"image": 8, "video": 1},
-}
 
 
 @dataclass
@@ -62,17 +45,19 @@ class Embedder:
         self.processor, self.device, self.batch_size = processor, device, batch_size
         self.model = model.eval()
         self.policy = EmbeddingPolicy(model, processor.gen_emb_id, processor.disc_emb_id)
-        config = OmegaConf.create(
-            {
-                "name": rollout,
-                "micro_batch_size": batch_size,
-                "do_sample": True,
-                "temperature": temperature,
-                "top_p": 1.0,
-                "top_k": -1,
-                "response_length": max_new_tokens,
-                **VLLM_EVAL_SETTINGS,
-            }
+        # vLLM for evaluation: eager, no sleep mode (nothing trains in between), a 1 GB CPU KV cache.
+        config = rollout_config(
+            name=rollout,
+            device=str(device),
+            micro_batch_size=batch_size,
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=-1,
+            response_length=max_new_tokens,
+            enforce_eager=True,
+            free_cache_engine=False,
+            cpu_kvcache_space_gb=1,
         )
         if rollout == "hf":
             self.rollout = HFRollout(model, processor.tokenizer, config, device)

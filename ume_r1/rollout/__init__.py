@@ -14,14 +14,25 @@ vision placeholder, cap new tokens at `response_length` and are deterministic by
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from ume_r1.processor import EncodedPrompt
 from ume_r1.template import GEN_EMB, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 BACKENDS = ("hf", "vllm")
+GRPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "grpo.yaml"
+
+
+def rollout_config(**overrides) -> DictConfig:
+    """The `rollout` group of configs/grpo.yaml (the one home of the engine defaults) with `overrides`,
+    for code outside the Hydra entry points: evaluation, tests, benchmarks. `device` and `seed` point
+    into other groups there, so they are set here (cpu, 0) unless overridden."""
+    base = OmegaConf.load(GRPO_CONFIG).rollout
+    return OmegaConf.merge(base, {"device": "cpu", "seed": 0}, overrides)
 
 
 class RolloutEngine(Protocol):
