@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
+from verl import DataProto
 
+from ume_r1.data import Side, load_examples
 from ume_r1.model import build_tiny_model
+from ume_r1.processor import UMEProcessor
 from ume_r1.synthetic import make_synthetic
-from ume_r1.trainer import learner_config
+from ume_r1.trainer import build_sequences, learner_config
 from workers.learner import LearnerWorker
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -71,3 +74,22 @@ def learner(request, tiny_model_dir, monkeypatch):
     worker.init_model(tiny_model_dir)
     yield worker
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def mixed_batch(tiny_model_dir: str, synthetic_dir: dict[str, str]) -> tuple[UMEProcessor, DataProto]:
+    """A learner batch: two image prompts and one text prompt, with ragged responses (two or three
+    each, seven rows)."""
+    processor = UMEProcessor.from_pretrained(tiny_model_dir)
+    examples, _ = load_examples(synthetic_dir["train"])
+    prompts = [processor.encode(examples[0].query), processor.encode(Side(text="a red circle"))]
+    prompts.append(processor.encode(examples[1].query))
+    tok = processor.tokenizer
+    words = [
+        ["red", "a big round red circle<gen_emb>"],
+        ["blue", "star", "<think>x</think>"],
+        ["a", "b c d e"],
+    ]
+    responses = [[tok(w, add_special_tokens=False)["input_ids"] for w in group] for group in words]
+    data, _ = build_sequences(prompts, responses, processor.pad_id)
+    return processor, data

@@ -152,7 +152,8 @@ def test_add_ume_tokens_initialises_from_spelling(tiny_model_dir: str) -> None:
     assert len(tokenizer) == n + 2
     new_in = model.get_input_embeddings().weight.detach()
     new_out = model.get_output_embeddings().weight.detach()
-    assert new_in.shape[0] == n + 2 and new_out.shape[0] == n + 2
+    grown = -(-(n + 2) // 128) * 128  # grows only because it must, to a multiple of 128
+    assert new_in.shape[0] == grown and new_out.shape[0] == grown
     for tag, (want_in, want_out) in expected.items():
         assert tokenizer(tag, add_special_tokens=False)["input_ids"] == [ids[tag]]
         torch.testing.assert_close(new_in[ids[tag]], want_in, rtol=1e-6, atol=1e-7)
@@ -166,6 +167,24 @@ def test_add_ume_tokens_initialises_from_spelling(tiny_model_dir: str) -> None:
     assert len(tokenizer) == n + 2
     assert torch.equal(model.get_input_embeddings().weight.detach(), snapshot_in)
     assert torch.equal(model.get_output_embeddings().weight.detach(), snapshot_out)
+
+
+def test_add_ume_tokens_uses_spare_rows_and_never_shrinks(tiny_model_dir: str) -> None:
+    """A stock Qwen2-VL table is larger than its tokenizer: the new tokens take spare rows and the
+    table keeps its size (shrinking it breaks tensor-parallel vocabulary sharding)."""
+    tokenizer = _train_tiny_tokenizer(512, [])
+    n = len(tokenizer)
+    config = Qwen2VLConfig.from_pretrained(tiny_model_dir)
+    config.text_config.vocab_size = n + 300
+    model = Qwen2VLForConditionalGeneration(config)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    spelling = tokenizer("<gen_emb>", add_special_tokens=False)["input_ids"]
+    ids = add_ume_tokens(model, tokenizer)
+    new_in = model.get_input_embeddings().weight.detach()
+    assert new_in.shape[0] == n + 300 and model.get_output_embeddings().weight.shape[0] == n + 300
+    assert sorted(ids.values()) == [n, n + 1]
+    torch.testing.assert_close(new_in[ids["<gen_emb>"]], old_in[spelling].mean(0))
+    assert torch.equal(new_in[n + 2 :], old_in[n + 2 :])
 
 
 def test_load_model_refuses_non_local_dir(tmp_path: Path) -> None:

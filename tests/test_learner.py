@@ -144,6 +144,7 @@ def test_logged_losses_are_true_means_whatever_the_micro_batching(learner, tiny_
     data.batch["advantages"] = mask * torch.tensor([[1.5], [-0.5], [0.25], [-2.0]])
     data.meta_info["seed"] = 0
     learner.config.actor.micro_batch_size_per_gpu = 1
+    learner.config.actor.use_dynamic_bsz = False
     metrics = learner.update_actor(data).meta_info["metrics"]
     expected = -float((data.batch["advantages"] * mask).sum() / mask.sum())
     assert metrics["actor/pg_loss"] == pytest.approx(expected, abs=1e-5)

@@ -4,6 +4,7 @@ prompt+response sequences (prompt left-padded, response right-padded, verl's lay
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,37 @@ def media_inputs(prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
         if parts:
             out[key] = torch.cat(parts)
     return out
+
+
+@dataclass
+class SharedMedia:
+    """Pixel inputs of the distinct prompts among a batch's rows, and which prompt each row has: the
+    G responses of a prompt share its image, so the vision tower runs once for them, not G times."""
+
+    media: dict[str, torch.Tensor]  # MEDIA_KEYS of the distinct prompts, in order
+    row_prompt: list[int]  # per row: index of its distinct prompt
+    images_per_prompt: list[int]
+    videos_per_prompt: list[int]
+
+    def to(self, device: torch.device) -> SharedMedia:
+        media = {k: v.to(device) for k, v in self.media.items()}
+        return SharedMedia(media, self.row_prompt, self.images_per_prompt, self.videos_per_prompt)
+
+
+def shared_media(prompts: Sequence[EncodedPrompt]) -> SharedMedia:
+    """Rows holding the same prompt object share it (the driver repeats one object per response, and
+    pickling through Ray keeps that sharing)."""
+    distinct: dict[int, int] = {}
+    for p in prompts:
+        distinct.setdefault(id(p), len(distinct))
+    unique = list({id(p): p for p in prompts}.values())
+    count = lambda grid: 0 if grid is None else len(grid)  # noqa: E731
+    return SharedMedia(
+        media=media_inputs(unique),
+        row_prompt=[distinct[id(p)] for p in prompts],
+        images_per_prompt=[count(p.image_grid_thw) for p in unique],
+        videos_per_prompt=[count(p.video_grid_thw) for p in unique],
+    )
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

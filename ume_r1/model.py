@@ -135,14 +135,19 @@ def write_hf_checkpoint(
 
 def add_ume_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Add `<disc_emb>` / `<gen_emb>` if missing; new embedding rows are the mean of the rows of the
-    tokens that spell the tag as plain text (never random), in both input and output embeddings."""
+    tokens that spell the tag as plain text (never random), in both input and output embeddings.
+
+    The table never shrinks: a stock Qwen2-VL table (151,936 rows) has spare rows past its tokenizer
+    (151,657 entries), and the new tokens take them. It grows only when the tokenizer outgrows it, and
+    then to a multiple of 128, which tensor-parallel vocabulary sharding (Megatron, vLLM) needs."""
     missing = [t for t in UME_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         spellings = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in missing}
         tokenizer.add_special_tokens(
             {"additional_special_tokens": missing}, replace_extra_special_tokens=False
         )
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=128, mean_resizing=False)
         tables = [model.get_input_embeddings().weight]
         if not model.config.tie_word_embeddings:
             tables.append(model.get_output_embeddings().weight)
@@ -209,7 +214,8 @@ def build_tiny_model(
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
+            # exact room for the UME tokens: spare rows would be sampled by a random model
+            vocab_size=len(tokenizer) + sum(t not in tokenizer.get_vocab() for t in UME_TOKENS),
             hidden_size=hidden_size,
             intermediate_size=hidden_size * 2,
             num_hidden_layers=num_layers,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ume_r1.batch import mm_token_type_ids
+from ume_r1.batch import SharedMedia, mm_token_type_ids
 
 
 def gen_emb_positions(responses: torch.Tensor, response_mask: torch.Tensor, gen_emb_id: int):
@@ -101,10 +101,17 @@ class EmbeddingPolicy(nn.Module):
         response_mask: torch.Tensor,
         temperature: float = 1.0,
         with_entropy: bool = True,
+        shared: SharedMedia | None = None,
         **media: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """`media`: pixel inputs of every row, in row order; or `shared`: those of the distinct
+        prompts only, whose vision features are then computed once and reused by all their rows."""
+        inputs_embeds = None
+        if shared is not None:
+            inputs_embeds, media = self._embed_shared_media(input_ids, shared)
         out = self.model.model(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             mm_token_type_ids=mm_token_type_ids(input_ids, self.image_pad_id, self.video_pad_id),
             use_cache=False,
@@ -124,7 +131,7 @@ class EmbeddingPolicy(nn.Module):
         result = {"log_probs": log_probs.clone()}  # clone: FSDP2 warns about returning views from the root
         if with_entropy:
             result["entropy"] = entropy
-        if self.training and "pixel_values" not in media and "pixel_values_videos" not in media:
+        if self.training and not self._has_pixels(media, shared):
             result["log_probs"] = result["log_probs"] + self._touch_vision_tower()
         index, has = gen_emb_positions(responses, response_mask, self.gen_emb_id)
         result["embeddings"] = hidden_at(hidden, index)
@@ -134,6 +141,52 @@ class EmbeddingPolicy(nn.Module):
                 out.last_hidden_state[:, :-width], input_ids[:, :-width], self.disc_emb_id
             )
         return result
+
+    def _embed_shared_media(
+        self, input_ids: torch.Tensor, shared: SharedMedia
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Token embeddings with each distinct prompt's vision features scattered into all of its
+        rows, and the per-row grids (which the 3D positions need)."""
+        model = self.model.model
+        embeds = model.get_input_embeddings()(input_ids)
+        grids = {}
+        for pixels, grid_key, counts, features, token_id in (
+            (
+                "pixel_values",
+                "image_grid_thw",
+                shared.images_per_prompt,
+                model.get_image_features,
+                self.image_pad_id,
+            ),
+            (
+                "pixel_values_videos",
+                "video_grid_thw",
+                shared.videos_per_prompt,
+                model.get_video_features,
+                self.video_pad_id,
+            ),
+        ):
+            if pixels not in shared.media:
+                continue
+            items = features(shared.media[pixels], shared.media[grid_key]).pooler_output  # one per item
+            bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+            per_prompt = [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+            rows = [p for p in shared.row_prompt if counts[p]]
+            row_features = torch.cat([f for p in rows for f in per_prompt[p]])
+            grids[grid_key] = torch.cat([shared.media[grid_key][bounds[p] : bounds[p + 1]] for p in rows])
+            slots = (input_ids == token_id).unsqueeze(-1).expand_as(embeds)
+            if slots.sum() != row_features.numel():
+                raise ValueError(
+                    f"{pixels}: {int(slots.sum()) // embeds.shape[-1]} placeholder tokens in the rows but "
+                    f"{row_features.shape[0]} vision features for their prompts"
+                )
+            embeds = embeds.masked_scatter(slots, row_features.to(embeds.dtype))
+        return embeds, grids
+
+    @staticmethod
+    def _has_pixels(media: dict, shared: SharedMedia | None) -> bool:
+        keys = shared.media if shared is not None else media
+        return "pixel_values" in keys or "pixel_values_videos" in keys
 
     def _touch_vision_tower(self) -> torch.Tensor | float:
         """Zero that depends on every trainable vision parameter: a text-only micro-batch then still

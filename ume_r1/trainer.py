@@ -253,11 +253,16 @@ def build_sequences(
 
 
 def learner_config(cfg: DictConfig) -> DictConfig:
-    """What a learner worker needs: its own group, the actor's optimisation settings, and the rollout
-    group (log-probs are of the sampling temperature; weights go to engines in the rollout's dtype;
-    the hybrid worker runs the engine itself)."""
+    """What a learner worker needs: its own group, the actor's optimisation settings, the reference's
+    settings, and the rollout group (log-probs are of the sampling temperature; weights go to engines
+    in the rollout's dtype; the hybrid worker runs the engine itself)."""
     return OmegaConf.create(
-        {**_plain(cfg.learner), "actor": _plain(cfg.actor), "rollout": _plain(cfg.rollout)}
+        {
+            **_plain(cfg.learner),
+            "actor": _plain(cfg.actor),
+            "ref": _plain(cfg.ref),
+            "rollout": _plain(cfg.rollout),
+        }
     )
 
 

@@ -19,15 +19,15 @@ from verl import DataProto
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
-from ume_r1.batch import media_inputs
+from ume_r1.batch import shared_media
 from ume_r1.fsdp import full_state_dict, init_distributed, iter_full_parameters, save_hf_checkpoint, shard
+from ume_r1.micro_batch import SEQUENCE_KEYS, pad_columns, plan_micro_batches, row_lengths, trim
 from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.rollout.weights import SyncStats, buckets
 from ume_r1.template import GEN_EMB
 from workers.base import ConfiguredWorker
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask")
 LOSS_SHARES = ("actor/pg_loss", "actor/kl_loss")
 
 
@@ -69,38 +69,75 @@ class LearnerWorker(ConfiguredWorker):
             self.ref = shard(EmbeddingPolicy(ref_model, self.gen_emb_id), mesh, param_dtype).eval()
 
     def _forward(self, module, data: DataProto, with_entropy: bool) -> dict[str, torch.Tensor]:
-        batch = {k: data.batch[k].to(self.device) for k in SEQUENCE_KEYS}
-        media = {k: v.to(self.device) for k, v in media_inputs(list(data.non_tensor_batch["prompt"])).items()}
-        return module(
-            **batch, **media, temperature=self.config.rollout.temperature, with_entropy=with_entropy
+        """One micro-batch, trimmed to its own longest prompt and response; per-token outputs come
+        back at the batch's response width, zero on padding."""
+        width = data.batch["responses"].shape[1]
+        batch = {k: v.to(self.device) for k, v in trim({k: data.batch[k] for k in SEQUENCE_KEYS}).items()}
+        shared = shared_media(list(data.non_tensor_batch["prompt"])).to(self.device)
+        out = module(
+            **batch, shared=shared, temperature=self.config.rollout.temperature, with_entropy=with_entropy
         )
+        for key in ("log_probs", "entropy"):  # zero past each response, whatever the micro-batching
+            if key in out:
+                out[key] = pad_columns(out[key] * batch["response_mask"], width)
+        return out
 
-    def _micro_batches(self, data: DataProto) -> list[DataProto]:
-        return data.split(self.config.actor.micro_batch_size_per_gpu)
+    def _micro_batching(self, forward: str) -> tuple[int, int | None]:
+        """(rows per micro-batch, token budget or None) of the "actor" update or the "rollout" / "ref"
+        log-prob forward, under verl's names."""
+        if forward == "actor":
+            cfg = self.config.actor
+            return (
+                cfg.micro_batch_size_per_gpu,
+                cfg.ppo_max_token_len_per_gpu if cfg.use_dynamic_bsz else None,
+            )
+        cfg = self.config[forward]
+        budget = cfg.log_prob_max_token_len_per_gpu if cfg.log_prob_use_dynamic_bsz else None
+        return cfg.log_prob_micro_batch_size_per_gpu, budget
+
+    def _micro_batches(self, data: DataProto, forward: str) -> list[np.ndarray]:
+        """Row indices of each micro-batch. Every rank gets the same number of micro-batches, as FSDP's
+        collectives need."""
+        rows, budget = self._micro_batching(forward)
+        lengths = row_lengths({k: data.batch[k] for k in SEQUENCE_KEYS})
+        local = plan_micro_batches(*lengths, rows_per_micro=rows, max_tokens=budget)
+        count = torch.tensor([len(local)], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        if int(count) > len(local):
+            local = plan_micro_batches(*lengths, rows_per_micro=rows, max_tokens=budget, min_count=int(count))
+        return [np.asarray(g) for g in local]
+
+    def _forward_all(
+        self, module, data: DataProto, forward: str, with_entropy: bool
+    ) -> dict[str, torch.Tensor]:
+        """Forward over every row in micro-batches; outputs in the rows' original order, on CPU."""
+        parts, order = [], []
+        for rows in self._micro_batches(data, forward):
+            parts.append(self._forward(module, data.select_idxs(rows), with_entropy))
+            order.append(torch.as_tensor(rows))
+        inverse = torch.argsort(torch.cat(order))
+        return {k: torch.cat([p[k] for p in parts])[inverse].cpu() for k in parts[0]}
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
     @torch.no_grad()
     def compute_log_prob(self, data: DataProto) -> DataProto:
         """Old log-probs, entropy and generative embeddings of the responses, in one forward."""
         self.policy.eval()
-        outs = [self._forward(self.policy, mb, with_entropy=True) for mb in self._micro_batches(data)]
-        merged = {k: torch.cat([o[k] for o in outs]).cpu() for k in outs[0]}
+        out = self._forward_all(self.policy, data, "rollout", with_entropy=True)
         return DataProto.from_dict(
             tensors={
-                "old_log_probs": merged["log_probs"],
-                "entropy": merged["entropy"],
-                "embeddings": merged["embeddings"],
-                "has_gen_emb": merged["has_gen_emb"],
+                "old_log_probs": out["log_probs"],
+                "entropy": out["entropy"],
+                "embeddings": out["embeddings"],
+                "has_gen_emb": out["has_gen_emb"],
             }
         )
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
     @torch.no_grad()
     def compute_ref_log_prob(self, data: DataProto) -> DataProto:
-        outs = [
-            self._forward(self.ref, mb, with_entropy=False)["log_probs"] for mb in self._micro_batches(data)
-        ]
-        return DataProto.from_dict(tensors={"ref_log_prob": torch.cat(outs).cpu()})
+        out = self._forward_all(self.ref, data, "ref", with_entropy=False)
+        return DataProto.from_dict(tensors={"ref_log_prob": out["log_probs"]})
 
     def _global_sum(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -154,7 +191,7 @@ class LearnerWorker(ConfiguredWorker):
                     }
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                micros = self._micro_batches(mini)
+                micros = [mini.select_idxs(rows) for rows in self._micro_batches(mini, "actor")]
                 steps = [self._micro_step(micro, policy_loss, loss_config) for micro in micros]
                 for key in steps[0]:
                     values = [step[key] for step in steps]
