@@ -46,6 +46,26 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, n_train=48, n_test=16)
 
 
+def make_learner(model_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> LearnerWorker:
+    """A learner worker in this process under the tiny profile, joining the process group that the
+    environment names (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT)."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose(
+            config_name="grpo",
+            overrides=[
+                "profile=tiny",
+                f"model.path={model_dir}",
+                "data.train_files=unused",
+                "actor.optim.lr=1e-4",
+                "actor.ppo_mini_batch_size=null",
+                *overrides,
+            ],
+        )
+    worker = LearnerWorker(learner_config(cfg))
+    worker.init_model(model_dir)
+    return worker
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def learner(request, tiny_model_dir, monkeypatch):
     """A learner worker in this process: one gloo (or nccl) rank, no Ray, the tiny profile."""
@@ -59,20 +79,7 @@ def learner(request, tiny_model_dir, monkeypatch):
         "MASTER_PORT": str(port),
     }.items():
         monkeypatch.setenv(key, value)
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(
-            config_name="grpo",
-            overrides=[
-                "profile=tiny",
-                f"model.path={tiny_model_dir}",
-                "data.train_files=unused",
-                "actor.optim.lr=1e-4",
-                "actor.ppo_mini_batch_size=null",
-            ],
-        )
-    worker = LearnerWorker(learner_config(cfg))
-    worker.init_model(tiny_model_dir)
-    yield worker
+    yield make_learner(tiny_model_dir)
     dist.destroy_process_group()
 
 

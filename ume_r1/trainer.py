@@ -159,9 +159,7 @@ class GRPOTrainer:
         with _timer(timing, "forward"):
             data, prompt_index = build_sequences(plan.prompts, responses, self.processor.pad_id)
             data.meta_info["seed"] = step
-            padded, pad = pad_dataproto_to_divisor(data, cfg.learner.num_workers)
-            if pad:  # padded rows repeat real ones; a zero mask keeps them out of every loss
-                padded.batch["response_mask"][-pad:] = 0
+            padded = pad_for_ranks(data, cfg.learner.num_workers)
             out = self.learners.compute_log_prob(padded)[: len(data)]
             data.union(out)
             if cfg.actor.use_kl_loss:
@@ -183,10 +181,8 @@ class GRPOTrainer:
             scores["reward"], data.batch["response_mask"], prompt_index, cfg.algorithm.norm_adv_by_std_in_grpo
         )
         with _timer(timing, "update"):
-            padded, pad = pad_dataproto_to_divisor(data, cfg.learner.num_workers)
-            if pad:
-                padded.batch["response_mask"][-pad:] = 0
-            per_rank = self.learners.update_actor(padded).meta_info["metrics"]
+            update = self.learners.update_actor(pad_for_ranks(data, cfg.learner.num_workers))
+            per_rank = update.meta_info["metrics"]
             update_metrics = {k: float(np.mean(v)) for k, v in per_rank.items()}  # lists of per-rank values
         with _timer(timing, "sync"):
             update_metrics.update(self.sync_weights())
@@ -250,6 +246,15 @@ def build_sequences(
     objects[:] = per_sequence
     tensors = pack_sequences(per_sequence, flat, pad_id)
     return DataProto.from_dict(tensors=tensors, non_tensors={"prompt": objects}), prompt_index
+
+
+def pad_for_ranks(data: DataProto, ranks: int) -> DataProto:
+    """Rows padded to a multiple of the learner ranks. Padded rows repeat real ones with a zero
+    response mask, which keeps them out of every loss and count."""
+    padded, pad = pad_dataproto_to_divisor(data, ranks)
+    if pad:
+        padded.batch["response_mask"][-pad:] = 0
+    return padded
 
 
 def learner_config(cfg: DictConfig) -> DictConfig:
