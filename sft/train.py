@@ -22,7 +22,7 @@ from transformers import get_cosine_schedule_with_warmup
 from sft.data import SFTPair, load_sft_pairs
 from sft.step import encode_pairs, sft_step
 from ume_r1.embed import Embedder
-from ume_r1.fsdp import init_distributed, save_hf_checkpoint, shard
+from ume_r1.fsdp import init_distributed, save_hf_checkpoint, shard_from_rank0
 from ume_r1.metrics import chance_level, hit_at_1, mean
 from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
@@ -90,15 +90,18 @@ def train(cfg: DictConfig) -> dict:
         )
     processor = UMEProcessor.from_pretrained(cfg.model.path, cfg.data.max_length, cfg.data.max_pixels)
 
-    model, tokenizer = load_model(cfg.model.path, device, torch.float32)
+    model, tokenizer = load_model(
+        cfg.model.path, "cpu", torch.float32, weights=rank == 0
+    )  # see shard_from_rank0
     enable_gradient_checkpointing(model, tc.gradient_checkpointing, device)
     if tc.freeze_vision_tower:
         model.model.visual.requires_grad_(False)
     mesh = init_device_mesh(device.type, (world,))
-    policy = shard(
+    policy = shard_from_rank0(
         EmbeddingPolicy(model, processor.gen_emb_id, processor.disc_emb_id),
         mesh,
         resolve_dtype(tc.dtype, device),
+        device,
     )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)

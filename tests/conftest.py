@@ -66,9 +66,9 @@ def make_learner(model_dir: str, overrides: list[str] | tuple[str, ...] = ()) ->
     return worker
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def learner(request, tiny_model_dir, monkeypatch):
-    """A learner worker in this process: one gloo (or nccl) rank, no Ray, the tiny profile."""
+@pytest.fixture
+def single_rank(monkeypatch):
+    """The environment of a one-rank process group on a free local port; destroyed afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -79,8 +79,15 @@ def learner(request, tiny_model_dir, monkeypatch):
         "MASTER_PORT": str(port),
     }.items():
         monkeypatch.setenv(key, value)
-    yield make_learner(tiny_model_dir)
-    dist.destroy_process_group()
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def learner(request, tiny_model_dir, single_rank):
+    """A learner worker in this process: one gloo (or nccl) rank, no Ray, the tiny profile."""
+    return make_learner(tiny_model_dir)
 
 
 @pytest.fixture

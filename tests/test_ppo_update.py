@@ -126,3 +126,18 @@ def test_two_learner_ranks_equal_one(learner, tiny_model_dir, mixed_batch, tmp_p
     assert got.keys() == want.keys()
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.gpu
+def test_offloaded_bf16_reference_equals_the_actor_at_start(tiny_model_dir, mixed_batch, single_rank):
+    """`ref.fsdp_config.param_offload`: the reference's shards live in host memory, in bf16; at start
+    it scores responses as the actor does (both compute in bf16)."""
+    from conftest import make_learner
+
+    learner = make_learner(tiny_model_dir, ["trainer.device=cuda", "ref.fsdp_config.param_offload=true"])
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in learner.ref.parameters())
+    _, data = mixed_batch
+    mask = data.batch["response_mask"].bool()
+    actor = learner.compute_log_prob(data).batch["old_log_probs"]
+    ref = learner.compute_ref_log_prob(data).batch["ref_log_prob"]
+    torch.testing.assert_close(ref[mask], actor[mask], rtol=0, atol=2e-2)

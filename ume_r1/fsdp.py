@@ -10,8 +10,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ume_r1.model import write_hf_checkpoint
@@ -33,14 +37,42 @@ def init_distributed(device: torch.device) -> None:
     dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def shard(policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype) -> EmbeddingPolicy:
+def shard(policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype, offload: bool = False) -> EmbeddingPolicy:
     """FSDP2: each decoder layer is its own unit; the vision tower stays in the root unit, because a
     rank whose micro-batch has no image skips it, and separately sharded vision blocks would then
-    leave the ranks' collectives out of step."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    leave the ranks' collectives out of step. `offload`: shards live in CPU memory between uses."""
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+    }
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in policy.model.model.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    return fully_shard(policy, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, **kwargs)
+    return fully_shard(policy, **kwargs)
+
+
+def shard_from_rank0(
+    policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype, device: torch.device, offload: bool = False
+) -> EmbeddingPolicy:
+    """Shard a policy whose weights only rank 0 has read (the other ranks built it on the meta device,
+    `load_model(weights=False)`), then broadcast them: one full copy per node at start-up, not one per
+    rank. Non-persistent buffers (rotary frequencies) are not in the state dict and are broadcast too.
+    Collective."""
+    rank0 = dist.get_rank() == 0
+    full = policy.state_dict() if rank0 else {}
+    policy = shard(policy, mesh, param_dtype, offload)
+    policy = policy.to(device) if rank0 else policy.to_empty(device=device)  # broadcasts need the device
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(policy, full, options=options)
+    del full
+    for _, buffer in sorted(policy.named_buffers()):
+        dist.broadcast(buffer, src=0)
+    if offload:  # CPUOffloadPolicy keeps parameter shards in host memory and buffers on the device
+        policy.to("cpu")
+        for buffer in policy.buffers():
+            buffer.data = buffer.data.to(device)
+    return policy
 
 
 def full_state_dict(policy: EmbeddingPolicy) -> dict[str, torch.Tensor]:

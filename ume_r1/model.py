@@ -93,14 +93,25 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weights: bool = True,
 ) -> tuple[Qwen2VLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Load model and tokenizer from a local directory; UME tokens are added if the checkpoint lacks them."""
+    """Load model and tokenizer from a local directory; UME tokens are added if the checkpoint lacks them.
+    `weights=False`: the same model on the meta device, for data-parallel ranks that receive their
+    shards from rank 0 (ume_r1.fsdp.shard_from_rank0) instead of each reading the full checkpoint."""
     local = _check_local_dir(path)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(local, dtype=dtype, local_files_only=True)
     tokenizer = load_tokenizer(local)
+    if weights:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(local, dtype=dtype, local_files_only=True)
+    else:
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration._from_config(
+                Qwen2VLConfig.from_pretrained(local), dtype=dtype
+            )
     add_ume_tokens(model, tokenizer)
-    return model.to(device), tokenizer
+    return (model.to(device) if weights else model), tokenizer
 
 
 def load_image_processor(path: str | os.PathLike, max_pixels: int | None = None) -> Qwen2VLImageProcessorPil:

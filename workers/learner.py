@@ -20,7 +20,13 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
 from ume_r1.batch import shared_media
-from ume_r1.fsdp import full_state_dict, init_distributed, iter_full_parameters, save_hf_checkpoint, shard
+from ume_r1.fsdp import (
+    full_state_dict,
+    init_distributed,
+    iter_full_parameters,
+    save_hf_checkpoint,
+    shard_from_rank0,
+)
 from ume_r1.micro_batch import SEQUENCE_KEYS, pad_columns, plan_micro_batches, row_lengths, trim
 from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
@@ -43,13 +49,17 @@ class LearnerWorker(ConfiguredWorker):
         param_dtype = resolve_dtype(cfg.dtype, self.device)
         self.model_path = model_path
 
-        # Master weights stay fp32; FSDP casts to param_dtype for compute.
-        model, self.tokenizer = load_model(model_path, self.device, torch.float32)
+        # Only rank 0 reads the checkpoint; the others get their shards from it. Master weights stay
+        # fp32; FSDP casts to param_dtype for compute.
+        rank0 = dist.get_rank() == 0
+        model, self.tokenizer = load_model(model_path, "cpu", torch.float32, weights=rank0)
         enable_gradient_checkpointing(model, cfg.actor.gradient_checkpointing, self.device)
         if cfg.freeze_vision_tower:
             model.model.visual.requires_grad_(False)
         self.gen_emb_id = self.tokenizer.convert_tokens_to_ids(GEN_EMB)
-        self.policy = shard(EmbeddingPolicy(model, self.gen_emb_id), mesh, param_dtype)
+        self.policy = shard_from_rank0(
+            EmbeddingPolicy(model, self.gen_emb_id), mesh, param_dtype, self.device
+        )
         optim = cfg.actor.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
@@ -63,10 +73,12 @@ class LearnerWorker(ConfiguredWorker):
         )
 
         self.ref = None
-        if cfg.actor.use_kl_loss:
-            ref_model, _ = load_model(model_path, self.device, torch.float32)
+        if cfg.actor.use_kl_loss:  # frozen: stored in the compute dtype (bf16 on GPU), no fp32 master
+            ref_model, _ = load_model(model_path, "cpu", param_dtype, weights=rank0)
             ref_model.requires_grad_(False)
-            self.ref = shard(EmbeddingPolicy(ref_model, self.gen_emb_id), mesh, param_dtype).eval()
+            offload = bool(cfg.ref.fsdp_config.param_offload) and self.device.type == "cuda"
+            ref = EmbeddingPolicy(ref_model, self.gen_emb_id)
+            self.ref = shard_from_rank0(ref, mesh, param_dtype, self.device, offload).eval()
 
     def _forward(self, module, data: DataProto, with_entropy: bool) -> dict[str, torch.Tensor]:
         """One micro-batch, trimmed to its own longest prompt and response; per-token outputs come
