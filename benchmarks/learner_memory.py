@@ -9,7 +9,10 @@ Each configuration runs in a fresh process (peak RSS is per process), alternatel
 One step = forward of the learner's policy (hidden states, response log-probs, embeddings), a
 token-mean loss, backward.
 
-    PATH=.venv/bin:$PATH python benchmarks/learner_memory.py [--lengths 256 512 1024 2048] [--responses 1]
+Second table (`batching`): one update over a step's worth of ragged responses, padded micro-batches
+(the learner before issue 8) against token-budget micro-batches trimmed to their own longest row.
+
+    PATH=.venv/bin:$PATH python benchmarks/learner_memory.py [lengths] [batching] [--lengths 256 ...]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,13 +33,11 @@ from qwen2_vl_shapes import QWEN2_VL  # noqa: E402
 PROMPT_TOKENS = 64
 
 
-def one_step(variant: str, length: int, responses: int) -> dict:
+def two_layer_2b():
+    """A random Qwen2-VL-2B-shaped model cut to two decoder layers (and a one-block vision tower), and
+    its vocabulary size."""
     import torch
-    import torch.nn.functional as F
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    import ume_r1.policy as policy_module
-    from ume_r1.model import enable_gradient_checkpointing
 
     torch.manual_seed(0)
     shape = QWEN2_VL["2B"]
@@ -48,7 +50,17 @@ def one_step(variant: str, length: int, responses: int) -> dict:
         vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 1536, "num_heads": 2, "mlp_ratio": 2},
         tie_word_embeddings=True,
     )
-    model = Qwen2VLForConditionalGeneration(config)
+    return Qwen2VLForConditionalGeneration(config), shape["text_config"]["vocab_size"]
+
+
+def one_step(variant: str, length: int, responses: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import ume_r1.policy as policy_module
+    from ume_r1.model import enable_gradient_checkpointing
+
+    model, vocab = two_layer_2b()
     if variant == "before":
 
         def plain(hidden, weight, targets, temperature=1.0, chunk_tokens=0, with_entropy=False):
@@ -60,7 +72,6 @@ def one_step(variant: str, length: int, responses: int) -> dict:
     else:
         enable_gradient_checkpointing(model, True, torch.device("cpu"))
     policy = policy_module.EmbeddingPolicy(model, gen_emb_id=5).train()
-    vocab = shape["text_config"]["vocab_size"]
     prompt = torch.randint(0, vocab, (responses, PROMPT_TOKENS))
     response = torch.randint(0, vocab, (responses, length))
     input_ids = torch.cat([prompt, response], dim=1)
@@ -75,37 +86,129 @@ def one_step(variant: str, length: int, responses: int) -> dict:
     return {"peak_gb": peak / 2**20, "step_gb": (peak - baseline) / 2**20, "seconds": seconds}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 1024, 2048])
-    ap.add_argument("--responses", type=int, default=1, help="responses per micro-batch")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        variant, length, responses = args.child
-        print(json.dumps(one_step(variant, int(length), int(responses))))
-        return 0
+# A step's response lengths: a long tail, as reasoning responses have (16 rows, mean 377 tokens).
+BATCH_LENGTHS = [2048, 1024, 768, 512, 384, 256, 256, 192, 128, 128, 96, 64, 64, 48, 32, 32]
+
+
+def one_batch(variant: str, budget: int, rows_per_micro: int) -> dict:
+    """One update over a whole batch of ragged responses, in micro-batches: `padded` = every row padded
+    to the longest response and cut into slices of `rows_per_micro` (the learner before issue 8);
+    `dynamic` = rows sorted by length, micro-batches filled to `budget` tokens, each trimmed to its own
+    longest row (`actor.use_dynamic_bsz`). Both with chunked log-probs and gradient checkpointing."""
+    import torch
+
+    from ume_r1.batch import pack_sequences
+    from ume_r1.micro_batch import plan_micro_batches, row_lengths, trim
+    from ume_r1.model import enable_gradient_checkpointing
+    from ume_r1.policy import EmbeddingPolicy
+    from ume_r1.processor import EncodedPrompt
+
+    model, vocab = two_layer_2b()
+    enable_gradient_checkpointing(model, True, torch.device("cpu"))
+    policy = EmbeddingPolicy(model, gen_emb_id=5).train()
+    torch.manual_seed(0)
+    prompts = [
+        EncodedPrompt(input_ids=torch.randint(0, vocab, (PROMPT_TOKENS,)).tolist()) for _ in BATCH_LENGTHS
+    ]
+    responses = [torch.randint(0, vocab, (n,)).tolist() for n in BATCH_LENGTHS]
+    batch = pack_sequences(prompts, responses, pad_id=0)
+    tokens = float(batch["response_mask"].sum())
+    if variant == "padded":
+        groups = plan_micro_batches(*row_lengths(batch), rows_per_micro=rows_per_micro)
+    else:
+        groups = plan_micro_batches(*row_lengths(batch), max_tokens=budget)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start, computed = time.perf_counter(), 0
+    for rows in groups:
+        micro = {k: v[rows] for k, v in batch.items()}
+        if variant == "dynamic":
+            micro = trim(micro)
+        computed += micro["input_ids"].numel()
+        out = policy(**micro, with_entropy=False)
+        loss = -(out["log_probs"] * micro["response_mask"]).sum() / tokens + out["embeddings"].sum() * 0.0
+        loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "peak_gb": peak / 2**20,
+        "step_gb": (peak - baseline) / 2**20,
+        "seconds": seconds,
+        "micro_batches": len(groups),
+        "computed_tokens": computed,
+    }
+
+
+def child(args: list[str]) -> dict:
+    """Run one configuration in a fresh process (peak RSS is per process) and return its figures."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def lengths_table(lengths: list[int], responses: int) -> None:
     results = {}
-    for length in args.lengths:
+    for length in lengths:
         for variant in ("before", "after"):
-            cmd = [sys.executable, __file__, "--child", variant, str(length), str(args.responses)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[(variant, length)] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[(variant, length)] = child(["step", variant, str(length), str(responses)])
             print(f"{variant:>6} {length:>5}: {results[(variant, length)]}", flush=True)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(
-        f"\n== one update step, {args.responses} response(s) x length + {PROMPT_TOKENS} prompt tokens, "
-        "fp32 CPU"
-    )
+    print(f"\n== one update step, {responses} response(s) x length + {PROMPT_TOKENS} prompt tokens, fp32 CPU")
     print(f"   2-layer Qwen2-VL-2B shape, vocabulary 151,936 (load average {load})")
     print("length | peak RSS before | after | step's own growth before | after | ratio | s before | s after")
-    for length in args.lengths:
+    for length in lengths:
         b, a = results[("before", length)], results[("after", length)]
         print(
             f"{length:>6} | {b['peak_gb']:14.2f} | {a['peak_gb']:5.2f} | {b['step_gb']:24.2f} | "
             f"{a['step_gb']:5.2f} | {b['step_gb'] / max(a['step_gb'], 1e-9):5.1f}x | {b['seconds']:8.1f} | "
             f"{a['seconds']:7.1f}"
         )
+
+
+def batching_table(budget: int, rows_per_micro: int, rounds: int) -> None:
+    runs: dict[str, list[dict]] = {"padded": [], "dynamic": []}
+    for _ in range(rounds):
+        for variant in runs:
+            runs[variant].append(child(["batch", variant, str(budget), str(rows_per_micro)]))
+            print(f"{variant:>7}: {runs[variant][-1]}", flush=True)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"\n== one update over {len(BATCH_LENGTHS)} responses of {min(BATCH_LENGTHS)}-{max(BATCH_LENGTHS)} "
+        f"tokens (mean {sum(BATCH_LENGTHS) / len(BATCH_LENGTHS):.0f}) + {PROMPT_TOKENS} prompt tokens, "
+        f"fp32 CPU, load average {load}"
+    )
+    print("variant | micro-batches | tokens computed | peak RSS GB | s (median)")
+    for variant, rs in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rs)
+        print(
+            f"{variant:>7} | {rs[0]['micro_batches']:>13} | {rs[0]['computed_tokens']:>15} | "
+            f"{max(r['peak_gb'] for r in rs):>11.2f} | {seconds:.1f}"
+        )
+    ratio = statistics.median(r["seconds"] for r in runs["padded"]) / statistics.median(
+        r["seconds"] for r in runs["dynamic"]
+    )
+    print(f"padded / dynamic time: {ratio:.2f}x")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("tables", nargs="*", default=["lengths", "batching"], choices=["lengths", "batching"])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 1024, 2048])
+    ap.add_argument("--responses", type=int, default=1, help="responses per micro-batch (lengths table)")
+    ap.add_argument("--budget", type=int, default=4096, help="token budget per micro-batch (batching)")
+    ap.add_argument("--rows-per-micro", type=int, default=4, help="rows per padded micro-batch (batching)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (batching)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, variant, a, b = args.child
+        run = one_step(variant, int(a), int(b)) if kind == "step" else one_batch(variant, int(a), int(b))
+        print(json.dumps(run))
+        return 0
+    if "lengths" in args.tables:
+        lengths_table(args.lengths, args.responses)
+    if "batching" in args.tables:
+        batching_table(args.budget, args.rows_per_micro, args.rounds)
     return 0
 
 

@@ -123,9 +123,12 @@ def test_sampling_contract(engines, prompts, tiny_model_dir, backend):
     # Make vision placeholders the likeliest tokens: only suppression keeps them out.
     lm_head = load_file(f"{tiny_model_dir}/model.safetensors")["lm_head.weight"]
     boosted = lm_head.clone()
+    generator = torch.Generator().manual_seed(0)
     boosted[engine.suppressed] = (
-        lm_head.abs().max() * 50 * torch.randn(len(engine.suppressed), lm_head.shape[1])
+        lm_head.abs().max() * 50 * torch.randn(len(engine.suppressed), lm_head.shape[1], generator=generator)
     )
+    # ...and one stop token likely after some states, so that stopping is exercised whatever the weights.
+    boosted[engine.stop_ids[0]] = lm_head.abs().max() * 5 * torch.randn(lm_head.shape[1], generator=generator)
     engine.load_weights([("lm_head.weight", boosted)])
     try:
         groups = engine.generate(encoded, n=4, seed=7)
