@@ -78,8 +78,9 @@ def ensure_trl() -> None:
         )
 
 
-def run_ours(model: str, data: str, steps: int, layout: str, out: Path) -> dict:
-    """One run of the GRPO recipe's trainer; per-step seconds and response lengths from its metrics."""
+def run_ours(model: str, data: str, steps: int, layout: str, out: Path, tree: Path = REPO) -> dict:
+    """One run of the GRPO trainer of the source `tree`; per-step seconds, response lengths and stage
+    times from its metrics."""
     layouts = {
         "standalone": ["trainer.hybrid_engine=false", "rollout.num_workers=2"],
         "hybrid": ["trainer.hybrid_engine=true"],
@@ -102,7 +103,7 @@ def run_ours(model: str, data: str, steps: int, layout: str, out: Path) -> dict:
     ]
     subprocess.run(
         [sys.executable, "-m", "ume_r1.trainer", *overrides],
-        cwd=REPO,
+        cwd=tree,
         check=True,
         stdout=subprocess.DEVNULL,
         env={**os.environ, "WANDB_MODE": "disabled"},
@@ -174,6 +175,8 @@ config = GRPOConfig(
     max_completion_length=new_tokens, learning_rate=float(lr), beta=float(kl), temperature=1.0,
     loss_type="dapo", epsilon=0.2, max_steps=steps, logging_steps=1, report_to="none", use_cpu=True,
     save_strategy="no", shuffle_dataset=False, seed=seed, disable_tqdm=True, lr_scheduler_type="constant",
+    # TRL's defaults differ here: fp32 and no gradient checkpointing, as this project on CPU
+    bf16=False, gradient_checkpointing=False,
 )
 trainer = GRPOTrainer(model=model, reward_funcs=ume_reward, args=config, processing_class=tok,
                       train_dataset=Dataset.from_list(rows), callbacks=[clock])
@@ -202,8 +205,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out")
     parser.add_argument("--layouts", nargs="+", default=["hybrid", "hybrid-2", "standalone", "trl"])
+    parser.add_argument(
+        "--before", metavar="REV", help="also run the standalone layout from this git revision (a worktree)"
+    )
     args = parser.parse_args()
     ensure_trl()
+    trees = {}
+    if args.before:
+        tree = Path(tempfile.mkdtemp()) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=REPO, check=True)
+        trees[f"standalone@{args.before}"] = tree
+        args.layouts.append(f"standalone@{args.before}")
     results: dict[str, dict[str, list]] = {name: {"step_s": [], "length": []} for name in args.layouts}
     stages: dict[str, dict[str, list]] = {}
     loads = []
@@ -213,11 +225,10 @@ def main() -> None:
             for name in args.layouts:
                 out = Path(tmp) / f"{name}-{r}"
                 start = time.perf_counter()
-                got = (
-                    run_trl(model, data, args.steps, out)
-                    if name == "trl"
-                    else run_ours(model, data, args.steps, name, out)
-                )
+                if name == "trl":
+                    got = run_trl(model, data, args.steps, out)
+                else:
+                    got = run_ours(model, data, args.steps, name.split("@")[0], out, trees.get(name, REPO))
                 results[name]["step_s"] += got["step_s"][args.warmup :]
                 results[name]["length"] += got["length"][args.warmup :]
                 for stage, values in got.get("stages", {}).items():
@@ -225,18 +236,20 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 print(f"round {r} {name}: {time.perf_counter() - start:.1f} s wall", flush=True)
 
+    for tree in trees.values():
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
     print(
         f"\n{PAIRS} pairs/step ({2 * PAIRS} prompts), G={G}, <= {NEW_TOKENS} new tokens, fp32, "
         f"{os.cpu_count()} CPU cores"
     )
     print(f"load average during the runs: median {statistics.median(loads):.2f}, max {max(loads):.2f}")
-    print(f"{'layout':<12}{'step s (median)':>16}{'pairs/s':>10}{'resp. length':>14}{'vs TRL':>8}")
+    print(f"{'layout':<20}{'step s (median)':>16}{'pairs/s':>10}{'resp. length':>14}{'vs TRL':>8}")
     trl_rate = PAIRS / statistics.median(results["trl"]["step_s"]) if "trl" in results else None
     for name, res in results.items():
         rate = PAIRS / statistics.median(res["step_s"])
         ratio = f"{rate / trl_rate:.2f}x" if trl_rate else "-"
         length = statistics.mean(res["length"]) if res["length"] else float("nan")
-        print(f"{name:<12}{statistics.median(res['step_s']):>16.3f}{rate:>10.2f}{length:>14.1f}{ratio:>8}")
+        print(f"{name:<20}{statistics.median(res['step_s']):>16.3f}{rate:>10.2f}{length:>14.1f}{ratio:>8}")
     for name, split in stages.items():
         total = statistics.median(results[name]["step_s"])
         parts = ", ".join(

@@ -113,11 +113,23 @@ class LearnerWorker(ConfiguredWorker):
         rows, budget = self._micro_batching(forward)
         lengths = row_lengths({k: data.batch[k] for k in SEQUENCE_KEYS})
         local = plan_micro_batches(*lengths, rows_per_micro=rows, max_tokens=budget)
-        count = torch.tensor([len(local)], device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        if int(count) > len(local):
-            local = plan_micro_batches(*lengths, rows_per_micro=rows, max_tokens=budget, min_count=int(count))
+        if self.world_size > 1:
+            count = torch.tensor([len(local)], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            if int(count) > len(local):
+                local = plan_micro_batches(
+                    *lengths, rows_per_micro=rows, max_tokens=budget, min_count=int(count)
+                )
         return [np.asarray(g) for g in local]
+
+    @staticmethod
+    def _rows(data: DataProto, rows: np.ndarray) -> DataProto:
+        """The micro-batch of these rows (the batch itself when it is all of them, in order)."""
+        return (
+            data
+            if len(rows) == len(data) and (rows == np.arange(len(data))).all()
+            else data.select_idxs(rows)
+        )
 
     def _forward_all(
         self, module, data: DataProto, forward: str, with_entropy: bool
@@ -125,7 +137,7 @@ class LearnerWorker(ConfiguredWorker):
         """Forward over every row in micro-batches; outputs in the rows' original order, on CPU."""
         parts, order = [], []
         for rows in self._micro_batches(data, forward):
-            parts.append(self._forward(module, data.select_idxs(rows), with_entropy))
+            parts.append(self._forward(module, self._rows(data, rows), with_entropy))
             order.append(torch.as_tensor(rows))
         inverse = torch.argsort(torch.cat(order))
         return {k: torch.cat([p[k] for p in parts])[inverse].cpu() for k in parts[0]}
@@ -203,7 +215,7 @@ class LearnerWorker(ConfiguredWorker):
                     }
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                micros = [mini.select_idxs(rows) for rows in self._micro_batches(mini, "actor")]
+                micros = [self._rows(mini, rows) for rows in self._micro_batches(mini, "actor")]
                 steps = [self._micro_step(micro, policy_loss, loss_config) for micro in micros]
                 for key in steps[0]:
                     values = [step[key] for step in steps]
