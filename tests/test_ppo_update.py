@@ -76,8 +76,8 @@ def test_kl_loss_and_its_gradient_match_the_formula(learner, tiny_model_dir, mix
     k3 = log_ratio.exp() - log_ratio - 1
     kl_loss = (k3 * mask).sum() / mask.sum()
     (learner.config.actor.kl_loss_coef * kl_loss).backward()
-    assert metrics["actor/kl_loss"] == pytest.approx(float(kl_loss), rel=1e-4)
-    assert float(kl_loss) > 0.01
+    assert metrics["actor/kl_loss"] == pytest.approx(kl_loss.item(), rel=1e-4)
+    assert kl_loss.item() > 0.01
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == {"model." + n for n in want}
     for name, grad in want.items():
