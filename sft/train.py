@@ -22,7 +22,7 @@ from transformers import get_cosine_schedule_with_warmup
 from sft.data import SFTPair, load_sft_pairs
 from sft.step import encode_pairs, sft_step
 from ume_r1.embed import Embedder
-from ume_r1.fsdp import init_distributed, save_hf_checkpoint, shard_from_rank0
+from ume_r1.fsdp import clip_and_step, init_distributed, save_hf_checkpoint, shard_from_rank0
 from ume_r1.metrics import chance_level, hit_at_1, mean
 from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
@@ -113,21 +113,21 @@ def train(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
     batches = rank_batches(pairs, tc.global_batch_size, cfg.data.seed, cfg.data.shuffle)
-    start = time.perf_counter()
+    start, skipped = time.perf_counter(), 0
     policy.train()
     for step in range(1, tc.total_steps + 1):
         encoded = encode_pairs(next(batches), processor)
         optimizer.zero_grad(set_to_none=True)
         parts = sft_step(policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
+        grad_norm, stepped = clip_and_step(params, optimizer, tc.grad_clip)
+        skipped += not stepped
         scheduler.step()
         if log is not None:
             row = {
                 "step": step,
                 **parts,
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
+                "skipped_steps": skipped,  # optimizer steps left out so far: non-finite gradient norm
                 "lr": scheduler.get_last_lr()[0],
                 "elapsed_s": time.perf_counter() - start,
             }

@@ -151,3 +151,23 @@ def test_logged_losses_are_true_means_whatever_the_micro_batching(learner, tiny_
     assert metrics["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
     learner.config.actor.ppo_mini_batch_size = 3  # responses per optimizer step over all ranks (one here)
     assert learner._mini_batch_rows(4) == 3
+
+
+def test_a_non_finite_gradient_skips_the_optimizer_step():
+    from ume_r1.fsdp import clip_and_step
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in layer.parameters()]
+    for bad in (float("inf"), float("nan")):
+        layer.weight.grad = torch.full_like(layer.weight, bad)
+        layer.bias.grad = torch.ones_like(layer.bias)
+        norm, stepped = clip_and_step(layer.parameters(), optimizer, max_norm=1.0)
+        assert not stepped and not torch.isfinite(torch.tensor(norm))
+        assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before, strict=True))
+    layer.weight.grad = torch.full_like(layer.weight, 3.0)
+    layer.bias.grad = torch.ones_like(layer.bias)  # clipping by a NaN norm made it NaN
+    norm, stepped = clip_and_step(layer.parameters(), optimizer, max_norm=1.0)
+    assert stepped and norm == pytest.approx((6 * 9 + 2) ** 0.5)
+    clipped = layer.weight.detach() - before[0]
+    torch.testing.assert_close(clipped, torch.full_like(clipped, -0.1 * 3.0 / norm))

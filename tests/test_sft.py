@@ -95,7 +95,9 @@ def test_gradcache_equals_full_batch(tiny_model_dir, sft_pairs):
         assert math.isclose(full[key], chunked[key], rel_tol=1e-5), key
     assert full_grads.keys() == chunked_grads.keys() and full_grads
     for name, grad in full_grads.items():
-        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 summation order differs between the two paths: tolerate noise at 1e-6 of the largest entry
+        atol = 1e-6 * max(1.0, float(grad.abs().max()))
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=atol, msg=name)
 
 
 def _rank_step(rank: int, world: int, port: int, model_dir: str, pairs, out_path: str) -> None:

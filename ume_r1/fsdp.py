@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -73,6 +73,20 @@ def shard_from_rank0(
         for buffer in policy.buffers():
             buffer.data = buffer.data.to(device)
     return policy
+
+
+def clip_and_step(
+    params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_norm: float
+) -> tuple[float, bool]:
+    """Clip the global gradient norm to `max_norm` and take the optimizer step, unless the norm is inf
+    or NaN: one bad batch must not poison the weights. Every rank sees the same global norm, so ranks
+    skip together. Returns the norm and whether the step was taken."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        optimizer.step()
+    return float(norm), finite
 
 
 def full_state_dict(policy: EmbeddingPolicy) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
 from ume_r1.batch import shared_media
 from ume_r1.fsdp import (
+    clip_and_step,
     full_state_dict,
     init_distributed,
     iter_full_parameters,
@@ -194,6 +195,7 @@ class LearnerWorker(ConfiguredWorker):
         mini_size = self._mini_batch_rows(len(data))
         metrics: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(int(data.meta_info.get("seed", 0)))
+        skipped = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(data), generator=generator) if cfg.shuffle else torch.arange(len(data))
             shuffled = data.select_idxs(order.numpy())
@@ -221,14 +223,13 @@ class LearnerWorker(ConfiguredWorker):
                     values = [step[key] for step in steps]
                     total = key in LOSS_SHARES  # shares of the mini-batch mean: their sum is the mean
                     metrics.setdefault(key, []).append(float(np.sum(values) if total else np.mean(values)))
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                if torch.isfinite(grad_norm):
-                    self.optimizer.step()
-                metrics.setdefault("actor/grad_norm", []).append(float(grad_norm))
+                grad_norm, stepped = clip_and_step(self.policy.parameters(), self.optimizer, cfg.grad_clip)
+                metrics.setdefault("actor/grad_norm", []).append(grad_norm)
+                skipped += not stepped
                 self.scheduler.step()
         summary = {k: float(np.mean(v)) for k, v in metrics.items()}
         summary["actor/lr"] = self.scheduler.get_last_lr()[0]
+        summary["actor/skipped_steps"] = float(skipped)  # optimizer steps left out: non-finite gradient
         return DataProto(meta_info={"metrics": summary})
 
     def _micro_step(self, micro: DataProto, policy_loss, loss_config) -> dict[str, float]:
