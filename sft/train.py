@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from pathlib import Path
 
 import hydra
 import torch
@@ -26,6 +25,7 @@ from ume_r1.fsdp import clip_and_step, init_distributed, save_hf_checkpoint, sha
 from ume_r1.metrics import chance_level, hit_at_1, mean
 from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
+from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import UMEProcessor
 
 
@@ -109,8 +109,7 @@ def train(cfg: DictConfig) -> dict:
         optimizer, int(tc.warmup_ratio * tc.total_steps), tc.total_steps
     )
 
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(cfg.output_dir, checkpoint_bytes(cfg.model.path), "output_dir")
     log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
     batches = rank_batches(pairs, tc.global_batch_size, cfg.data.seed, cfg.data.shuffle)
     start, skipped = time.perf_counter(), 0

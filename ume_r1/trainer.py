@@ -27,6 +27,7 @@ from ume_r1.batch import pack_sequences
 from ume_r1.data import Example, load_examples
 from ume_r1.grouping import StepPrompts, plan_prompts
 from ume_r1.logger import MetricLogger
+from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import EncodedPrompt, UMEProcessor
 from ume_r1.reward_api import RewardBatch, available_rewards
 from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
@@ -98,7 +99,9 @@ class GRPOTrainer:
         self.tokenizer = self.processor.tokenizer
         steps_per_epoch = len(self.examples) // cfg.data.train_batch_size
         self.total_steps = cfg.trainer.total_training_steps or steps_per_epoch * cfg.trainer.total_epochs
-        self.run_dir = Path(cfg.trainer.default_local_dir)
+        self.run_dir = check_output_dir(
+            cfg.trainer.default_local_dir, checkpoint_bytes(cfg.model.path), "trainer.default_local_dir"
+        )
 
         init_ray(cfg)
         gpu = cfg.trainer.device == "cuda" or (
