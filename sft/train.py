@@ -90,9 +90,8 @@ def train(cfg: DictConfig) -> dict:
         )
     processor = UMEProcessor.from_pretrained(cfg.model.path, cfg.data.max_length, cfg.data.max_pixels)
 
-    model, tokenizer = load_model(
-        cfg.model.path, "cpu", torch.float32, weights=rank == 0
-    )  # see shard_from_rank0
+    # Only rank 0 reads the checkpoint; shard_from_rank0 gives the other ranks their shards.
+    model, tokenizer = load_model(cfg.model.path, "cpu", torch.float32, weights=rank == 0)
     enable_gradient_checkpointing(model, tc.gradient_checkpointing, device)
     if tc.freeze_vision_tower:
         model.model.visual.requires_grad_(False)

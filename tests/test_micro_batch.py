@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from ume_r1.batch import media_inputs, shared_media
-from ume_r1.micro_batch import SEQUENCE_KEYS, padded_tokens, plan_micro_batches, row_lengths, trim
+from ume_r1.micro_batch import SEQUENCE_KEYS, plan_micro_batches, row_lengths, trim
 from ume_r1.model import load_model
 from ume_r1.policy import EmbeddingPolicy
+
+
+def padded_tokens(rows, prompt_lens, response_lens) -> int:
+    """A trimmed micro-batch's cost: rows x (longest prompt + longest response, at least 1)."""
+    return len(rows) * (max(prompt_lens[i] for i in rows) + max(max(response_lens[i] for i in rows), 1))
 
 
 def test_plan_micro_batches_fills_the_budget_and_keeps_every_row():

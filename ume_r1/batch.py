@@ -46,14 +46,13 @@ class SharedMedia:
 def shared_media(prompts: Sequence[EncodedPrompt]) -> SharedMedia:
     """Rows holding the same prompt object share it (the driver repeats one object per response, and
     pickling through Ray keeps that sharing)."""
-    distinct: dict[int, int] = {}
-    for p in prompts:
-        distinct.setdefault(id(p), len(distinct))
-    unique = list({id(p): p for p in prompts}.values())
+    distinct = {id(p): p for p in prompts}  # first occurrence order
+    index = {key: i for i, key in enumerate(distinct)}
+    unique = list(distinct.values())
     count = lambda grid: 0 if grid is None else len(grid)  # noqa: E731
     return SharedMedia(
         media=media_inputs(unique),
-        row_prompt=[distinct[id(p)] for p in prompts],
+        row_prompt=[index[id(p)] for p in prompts],
         images_per_prompt=[count(p.image_grid_thw) for p in unique],
         videos_per_prompt=[count(p.video_grid_thw) for p in unique],
     )

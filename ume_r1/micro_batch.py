@@ -23,13 +23,6 @@ def row_lengths(batch: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
     return prompt.tolist(), batch["response_mask"].sum(1).tolist()
 
 
-def padded_tokens(rows: Sequence[int], prompt_lens: Sequence[int], response_lens: Sequence[int]) -> int:
-    """Tokens a micro-batch of `rows` costs once trimmed: rows x (longest prompt + longest response)."""
-    if not rows:
-        return 0
-    return len(rows) * (max(prompt_lens[i] for i in rows) + max(max(response_lens[i] for i in rows), 1))
-
-
 def plan_micro_batches(
     prompt_lens: Sequence[int],
     response_lens: Sequence[int],
@@ -48,11 +41,15 @@ def plan_micro_batches(
     if max_tokens is not None:
         order = sorted(range(count), key=lambda i: prompt_lens[i] + response_lens[i], reverse=True)
         groups: list[list[int]] = []
+        longest = (0, 0)  # the open group's longest prompt and response, kept as rows join
         for i in order:
-            if groups and padded_tokens(groups[-1] + [i], prompt_lens, response_lens) <= max_tokens:
+            joined = (max(longest[0], prompt_lens[i]), max(longest[1], response_lens[i], 1))
+            if groups and (len(groups[-1]) + 1) * sum(joined) <= max_tokens:
                 groups[-1].append(i)
+                longest = joined
             else:
                 groups.append([i])
+                longest = (prompt_lens[i], max(response_lens[i], 1))
     else:
         size = max(1, rows_per_micro or count)
         groups = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
@@ -69,8 +66,8 @@ def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     width = batch["responses"].shape[1]
     prompt_lens, response_lens = row_lengths(batch)
     keep_prompt, keep_response = max(prompt_lens), max(max(response_lens), 1)
-    start, stop = batch["input_ids"].shape[1] - width - keep_prompt, batch["input_ids"].shape[1] - width
-    stop += keep_response
+    prompt_end = batch["input_ids"].shape[1] - width
+    start, stop = prompt_end - keep_prompt, prompt_end + keep_response
     return {
         "input_ids": batch["input_ids"][:, start:stop],
         "attention_mask": batch["attention_mask"][:, start:stop],

@@ -85,7 +85,7 @@ class LearnerWorker(ConfiguredWorker):
         """One micro-batch, trimmed to its own longest prompt and response; per-token outputs come
         back at the batch's response width, zero on padding."""
         width = data.batch["responses"].shape[1]
-        batch = {k: v.to(self.device) for k, v in trim({k: data.batch[k] for k in SEQUENCE_KEYS}).items()}
+        batch = {k: v.to(self.device) for k, v in trim(_sequences(data)).items()}
         shared = shared_media(list(data.non_tensor_batch["prompt"])).to(self.device)
         out = module(
             **batch, shared=shared, temperature=self.config.rollout.temperature, with_entropy=with_entropy
@@ -112,7 +112,7 @@ class LearnerWorker(ConfiguredWorker):
         """Row indices of each micro-batch. Every rank gets the same number of micro-batches, as FSDP's
         collectives need."""
         rows, budget = self._micro_batching(forward)
-        lengths = row_lengths({k: data.batch[k] for k in SEQUENCE_KEYS})
+        lengths = row_lengths(_sequences(data))
         local = plan_micro_batches(*lengths, rows_per_micro=rows, max_tokens=budget)
         if self.world_size > 1:
             count = torch.tensor([len(local)], device=self.device)
@@ -285,3 +285,7 @@ class LearnerWorker(ConfiguredWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, out_dir: str) -> str:
         return save_hf_checkpoint(self.policy, self.tokenizer, self.model_path, out_dir)
+
+
+def _sequences(data: DataProto) -> dict[str, torch.Tensor]:
+    return {k: data.batch[k] for k in SEQUENCE_KEYS}
