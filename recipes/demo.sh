@@ -24,7 +24,7 @@ evaluate() {  # model dir, output dir
     data.train_files="$ART/synthetic_sft/sft_train.parquet" data.test_files="$ART/synthetic_sft/sft_test.parquet"
 evaluate "$OUT/sft/final" "$OUT/eval_sft"
 PYTHON="$PYTHON" bash recipes/ume_r1_grpo.sh profile=tiny model.path="$OUT/sft/final" \
-    data.train_files="$ART/synthetic/train.parquet" trainer.default_local_dir="$OUT/grpo" \
+    data.train_files="$ART/synthetic/train.parquet" trainer.default_local_dir="$OUT/grpo" trainer.resume_mode=disable \
     rollout.response_length=64
 evaluate "$OUT/grpo/final" "$OUT/eval_grpo"
 "$PYTHON" -m ume_r1.report "$OUT/eval_sft/results.json" "$OUT/eval_grpo/results.json" --out "$OUT/summary.md"

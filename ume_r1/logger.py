@@ -19,18 +19,31 @@ CONSOLE_KEYS = (
 
 
 class MetricLogger:
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    """`resumed_step`: the step a resumed run's checkpoint holds. The log keeps the rows up to it and
+    drops those of steps the killed run made after it (they are made again), so no step is lost or
+    doubled; wandb continues the run `run_id`."""
+
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, resumed_step: int = 0, run_id: str | None = None
+    ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self.path.write_text("")
+        kept = [row for row in read_metrics(self.path) if row["step"] <= resumed_step] if resumed_step else []
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)
         self.backends = list(cfg.trainer.logger)
         self.wandb = None
+        self.run_id = run_id
         if "wandb" in self.backends:
             import wandb
 
+            self.run_id = run_id or wandb.util.generate_id()
             self.wandb = wandb.init(
                 project=cfg.trainer.project_name,
                 name=cfg.trainer.experiment_name,
+                id=self.run_id,
+                resume="allow",
                 dir=str(run_dir),
                 mode=os.environ.get("WANDB_MODE", cfg.trainer.wandb_mode),
                 config=OmegaConf.to_container(cfg, resolve=True),
@@ -48,3 +61,16 @@ class MetricLogger:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut short by a kill is left out."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

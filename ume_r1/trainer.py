@@ -7,7 +7,6 @@ groups on Ray through one step of DESIGN section 3 after another.
 from __future__ import annotations
 
 import os
-import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,16 @@ from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, Ra
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, kl_penalty
 
 from ume_r1.batch import pack_sequences
+from ume_r1.checkpoint import (
+    SHARDS,
+    CheckpointDir,
+    read_state,
+    resume_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from ume_r1.data import Example, load_examples
+from ume_r1.data_order import BatchOrder
 from ume_r1.grouping import StepPrompts, plan_prompts
 from ume_r1.logger import MetricLogger
 from ume_r1.preflight import check_output_dir, checkpoint_bytes
@@ -102,6 +110,20 @@ class GRPOTrainer:
         self.run_dir = check_output_dir(
             cfg.trainer.default_local_dir, checkpoint_bytes(cfg.model.path), "trainer.default_local_dir"
         )
+        self.model_path = str(Path(cfg.model.path).resolve())
+        self.order = BatchOrder(len(self.examples), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+        self.checkpoints = CheckpointDir(self.run_dir, cfg.trainer.max_ckpt_to_keep)
+        for partial in self.checkpoints.discard_partial():
+            print(f"checkpoint: removed {partial} (a write that did not finish)")
+        self.resume_from = resume_checkpoint(
+            cfg.trainer.resume_mode, self.run_dir, cfg.trainer.resume_from_path
+        )
+        resumed = read_state(self.resume_from) if self.resume_from else None
+        if resumed and resumed["model_path"] != self.model_path:
+            raise ValueError(
+                f"{self.resume_from} continues a run that started from {resumed['model_path']}, but "
+                f"model.path={self.model_path}: the reference (KL anchor) must stay the original model"
+            )
 
         init_ray(cfg)
         gpu = cfg.trainer.device == "cuda" or (
@@ -109,7 +131,7 @@ class GRPOTrainer:
         )
         learner_pool = RayResourcePool([cfg.learner.num_workers], use_gpu=gpu, max_colocate_count=1)
         self.hybrid = bool(cfg.trainer.hybrid_engine)
-        model_path = str(Path(cfg.model.path).resolve())
+        model_path = self.model_path
         if self.hybrid:  # verl's ActorRolloutRef: each learner rank generates with its own engine
             self.learners = worker_group(
                 ActorRolloutRefWorker, learner_pool, _threads(cfg, 1), learner_config(cfg)
@@ -128,29 +150,71 @@ class GRPOTrainer:
         reward_pool = RayResourcePool([1], use_gpu=False, max_colocate_count=1)
         self.rewarder = worker_group(RewardWorker, reward_pool, 1, _plain(cfg.reward))
         self.rewarder.init_reward()
-        self.logger = MetricLogger(cfg, self.run_dir)
-
-    def batches(self):
-        """Yields batches of examples, epoch after epoch, reshuffled each epoch (deterministic by seed)."""
-        size, rng = self.cfg.data.train_batch_size, random.Random(self.cfg.data.seed)
-        while True:
-            order = list(range(len(self.examples)))
-            if self.cfg.data.shuffle:
-                rng.shuffle(order)
-            for start in range(0, len(order) - size + 1, size):
-                yield [self.examples[i] for i in order[start : start + size]]
+        self.logger = MetricLogger(
+            cfg,
+            self.run_dir,
+            resumed_step=resumed["step"] if resumed else 0,
+            run_id=resumed["wandb_id"] if resumed else None,
+        )
 
     def fit(self) -> Path:
-        batches = self.batches()
-        for step in tqdm(range(1, self.total_steps + 1), desc="grpo", dynamic_ncols=True):
-            metrics = self.step(next(batches), step)
+        """Steps from the first one not in the resumed checkpoint to `total_steps`; a training-state
+        checkpoint every `trainer.save_freq` steps and at the last; the actor as an HF checkpoint in
+        `final/` at the end."""
+        first = self.restore(self.resume_from) + 1 if self.resume_from else 1
+        save_freq = self.cfg.trainer.save_freq
+        steps = range(first, self.total_steps + 1)
+        for step in tqdm(steps, desc="grpo", initial=first - 1, total=self.total_steps, dynamic_ncols=True):
+            metrics = self.step([self.examples[i] for i in next(self.order)], step)
             self.logger.log(metrics, step)
-            if self.cfg.trainer.save_freq > 0 and step % self.cfg.trainer.save_freq == 0:
-                self.learners.save_checkpoint(str((self.run_dir / f"global_step_{step}").resolve()))
+            if save_freq > 0 and (step % save_freq == 0 or step == self.total_steps):
+                self.save(step)
         final = (self.run_dir / "final").resolve()
         self.learners.save_checkpoint(str(final))
         self.logger.finish()
         return final
+
+    def _workers(self) -> dict[str, RayWorkerGroup]:
+        groups = {"learner": self.learners, "reward": self.rewarder}
+        if not self.hybrid:
+            groups["rollout"] = self.rollouts
+        return groups
+
+    def save(self, step: int) -> Path:
+        """The training state after `step` (see ume_r1.checkpoint): sharded actor and optimizer, LR
+        scheduler, data position, every process's RNG, the resolved config, the reference's source."""
+        start = time.perf_counter()
+        staging = self.checkpoints.begin(step).resolve()
+        scheduler = self.learners.save_state(str(staging / SHARDS))[0]
+        if self.cfg.trainer.save_hf_model:
+            self.learners.save_checkpoint(str(staging / "hf"))
+        rng = {name: group.get_rng_state() for name, group in self._workers().items()}
+        path = self.checkpoints.commit(
+            step,
+            {
+                "data": self.order.state_dict(),
+                "scheduler": scheduler,
+                "rng": {"driver": rng_state(), **rng},
+                "model_path": self.model_path,
+                "wandb_id": self.logger.run_id,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            },
+        )
+        tqdm.write(f"checkpoint: {path} ({time.perf_counter() - start:.1f} s)")
+        return path
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint written by `save`; returns its step. The reference is not touched: it was
+        loaded from the original model. The engines get the restored weights before the next step."""
+        state = read_state(path)
+        self.learners.load_state(str((path / SHARDS).resolve()), state["scheduler"])
+        self.order.load_state_dict(state["data"])
+        set_rng_state(state["rng"]["driver"])
+        for name, group in self._workers().items():
+            group.set_rng_state(state["rng"][name])
+        self.sync_weights()
+        tqdm.write(f"resumed from {path} (step {state['step']})")
+        return state["step"]
 
     def step(self, examples: list[Example], step: int) -> dict[str, float]:
         cfg, timing = self.cfg, {}

@@ -8,6 +8,7 @@ mini-batch so the loss does not depend on the number of ranks or micro-batches.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -20,6 +21,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
 from ume_r1.batch import shared_media
+from ume_r1.checkpoint import load_sharded, save_sharded
 from ume_r1.fsdp import (
     clip_and_step,
     full_state_dict,
@@ -284,7 +286,21 @@ class LearnerWorker(ConfiguredWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, out_dir: str) -> str:
+        """The actor as an HF checkpoint (rank 0 writes it)."""
         return save_hf_checkpoint(self.policy, self.tokenizer, self.model_path, out_dir)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_state(self, path: str) -> dict:
+        """The actor's training state: every rank writes its model and optimizer shards under `path`;
+        returns the LR scheduler's state (the same on every rank) for the controller's record. The
+        reference is never saved: it stays the original model."""
+        save_sharded(Path(path), self.policy, self.optimizer)
+        return self.scheduler.state_dict()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_state(self, path: str, scheduler: dict) -> None:
+        load_sharded(Path(path), self.policy, self.optimizer)
+        self.scheduler.load_state_dict(scheduler)
 
 
 def _sequences(data: DataProto) -> dict[str, torch.Tensor]:
