@@ -46,9 +46,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
-    )
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def rng_state() -> dict:
@@ -135,9 +133,7 @@ class CheckpointDir:
     def _prune(self, latest: int) -> None:
         if self.keep is None:
             return
-        steps = sorted(
-            int(m.group(1)) for p in self.root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))
-        )
+        steps = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
         for step in steps[: -self.keep]:
             if step != latest:
                 shutil.rmtree(self.path(step), ignore_errors=True)

@@ -111,7 +111,9 @@ class GRPOTrainer:
             cfg.trainer.default_local_dir, checkpoint_bytes(cfg.model.path), "trainer.default_local_dir"
         )
         self.model_path = str(Path(cfg.model.path).resolve())
-        self.order = BatchOrder(len(self.examples), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+        self.order = BatchOrder(
+            len(self.examples), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle
+        )
         self.checkpoints = CheckpointDir(self.run_dir, cfg.trainer.max_ckpt_to_keep)
         for partial in self.checkpoints.discard_partial():
             print(f"checkpoint: removed {partial} (a write that did not finish)")
