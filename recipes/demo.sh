@@ -20,7 +20,7 @@ evaluate() {  # model dir, output dir
         --pass-k "$PASS_K" --max-new-tokens 64 --batch-size 32 --device cpu
 }
 
-"$PYTHON" -m sft.train profile=sft_tiny model.path="$ART/tiny-qwen2-vl" output_dir="$OUT/sft" \
+"$PYTHON" -m sft.train profile=sft_tiny model.path="$ART/tiny-qwen2-vl" output_dir="$OUT/sft" train.resume_mode=disable \
     data.train_files="$ART/synthetic_sft/sft_train.parquet" data.test_files="$ART/synthetic_sft/sft_test.parquet"
 evaluate "$OUT/sft/final" "$OUT/eval_sft"
 PYTHON="$PYTHON" bash recipes/ume_r1_grpo.sh profile=tiny model.path="$OUT/sft/final" \

@@ -8,20 +8,31 @@ step, cosine schedule with warmup, HF checkpoint out (the GRPO stage loads it un
 from __future__ import annotations
 
 import json
-import random
 import time
 
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import get_cosine_schedule_with_warmup
 
 from sft.data import SFTPair, load_sft_pairs
 from sft.step import encode_pairs, sft_step
+from ume_r1.checkpoint import (
+    SHARDS,
+    CheckpointDir,
+    load_sharded,
+    read_state,
+    resume_checkpoint,
+    rng_state,
+    save_sharded,
+    set_rng_state,
+)
+from ume_r1.data_order import BatchOrder
 from ume_r1.embed import Embedder
 from ume_r1.fsdp import clip_and_step, init_distributed, save_hf_checkpoint, shard_from_rank0
+from ume_r1.logger import keep_metrics
 from ume_r1.metrics import chance_level, hit_at_1, mean
 from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
@@ -29,20 +40,14 @@ from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import UMEProcessor
 
 
-def rank_batches(pairs: list[SFTPair], global_batch: int, seed: int, shuffle: bool):
-    """This rank's share (every world-th pair) of each global batch, epoch after epoch."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def batch_order(num_pairs: int, global_batch: int, seed: int, shuffle: bool) -> BatchOrder:
+    """The order of global batches; each rank takes every world-th pair of one."""
+    world = dist.get_world_size()
     if global_batch % world:
         raise ValueError(f"train.global_batch_size={global_batch} is not divisible by {world} ranks")
-    if len(pairs) < global_batch:
-        raise ValueError(f"train.global_batch_size={global_batch} but only {len(pairs)} training pairs")
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(pairs)))
-        if shuffle:
-            rng.shuffle(order)
-        for start in range(0, len(order) - global_batch + 1, global_batch):
-            yield [pairs[i] for i in order[start + rank : start + global_batch : world]]
+    if num_pairs < global_batch:
+        raise ValueError(f"train.global_batch_size={global_batch} but only {num_pairs} training pairs")
+    return BatchOrder(num_pairs, global_batch, seed, shuffle)
 
 
 def evaluate(embedder: Embedder, pairs: list[SFTPair], processor: UMEProcessor) -> dict[str, float]:
@@ -109,12 +114,54 @@ def train(cfg: DictConfig) -> dict:
     )
 
     out_dir = check_output_dir(cfg.output_dir, checkpoint_bytes(cfg.model.path), "output_dir")
-    log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
-    batches = rank_batches(pairs, tc.global_batch_size, cfg.data.seed, cfg.data.shuffle)
-    start, skipped = time.perf_counter(), 0
+    order = batch_order(len(pairs), tc.global_batch_size, cfg.data.seed, cfg.data.shuffle)
+    checkpoints = CheckpointDir(out_dir, tc.max_ckpt_to_keep)
+    resume = resume_checkpoint(tc.resume_mode, out_dir, tc.resume_from_path)
+    first, skipped = 1, 0
+    if resume is not None:
+        state = read_state(resume)
+        load_sharded(resume / SHARDS, policy, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        order.load_state_dict(state["data"])
+        set_rng_state(state["rng"][rank % len(state["rng"])])
+        first, skipped = state["step"] + 1, state["skipped_steps"]
+        if rank == 0:
+            print(f"resumed from {resume} (step {state['step']})", flush=True)
+    log = None
+    if rank == 0:
+        checkpoints.discard_partial()
+        keep_metrics(out_dir / "metrics.jsonl", first - 1)
+        log = (out_dir / "metrics.jsonl").open("a")
+
+    def save(step: int) -> None:
+        """Training state after `step` (see ume_r1.checkpoint). Collective."""
+        if rank == 0:
+            checkpoints.begin(step)
+        dist.barrier()
+        staging = checkpoints.staging(step)
+        save_sharded(staging / SHARDS, policy, optimizer)
+        if tc.save_hf_model:
+            save_hf_checkpoint(policy, tokenizer, cfg.model.path, str(staging / "hf"))
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+        if rank == 0:
+            log.flush()
+            state = {
+                "data": order.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs,
+                "skipped_steps": skipped,
+                "model_path": str(cfg.model.path),
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            }
+            checkpoints.commit(step, state)
+        dist.barrier()
+
+    start = time.perf_counter()
     policy.train()
-    for step in range(1, tc.total_steps + 1):
-        encoded = encode_pairs(next(batches), processor)
+    for step in range(first, tc.total_steps + 1):
+        global_batch = next(order)
+        encoded = encode_pairs([pairs[i] for i in global_batch[rank::world]], processor)
         optimizer.zero_grad(set_to_none=True)
         parts = sft_step(policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_size)
         grad_norm, stepped = clip_and_step(params, optimizer, tc.grad_clip)
@@ -135,8 +182,8 @@ def train(cfg: DictConfig) -> dict:
                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                     flush=True,
                 )
-        if tc.save_freq > 0 and step % tc.save_freq == 0:
-            save_hf_checkpoint(policy, tokenizer, cfg.model.path, str(out_dir / f"step_{step}"))
+        if tc.save_freq > 0 and (step % tc.save_freq == 0 or step == tc.total_steps):
+            save(step)
     final = str((out_dir / "final").resolve())
     save_hf_checkpoint(policy, tokenizer, cfg.model.path, final)
     summary = {"final": final, "train_seconds": time.perf_counter() - start}

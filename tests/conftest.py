@@ -11,6 +11,7 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from verl import DataProto
 
+from sft.synthetic_cot import make_synthetic_sft
 from ume_r1.data import Side, load_examples
 from ume_r1.model import build_tiny_model
 from ume_r1.processor import UMEProcessor
@@ -44,6 +45,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The synthetic shapes set: {"train": path, "test": path} (48 / 16 rows)."""
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, n_train=48, n_test=16)
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The synthetic SFT set: {"train": path, "test": path} (32 / 4 rows)."""
+    return make_synthetic_sft(str(tmp_path_factory.mktemp("sft_data")), seed=0, n_train=32, n_test=4)
 
 
 def make_learner(model_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> LearnerWorker:

@@ -1,6 +1,6 @@
-"""Exact resume of the GRPO recipe: a run killed with SIGKILL (its whole process group, local Ray
-included) during step 5 and started again with the same command ends with the same metrics and the
-same weights, bit for bit, as a run that was never interrupted."""
+"""Exact resume: a run killed with SIGKILL (its whole process group, a local Ray included) during
+step 5 and started again with the same command ends with the same metrics and the same weights, bit
+for bit, as a run that was never interrupted. GRPO (the tiny profile) and the SFT torch backend."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from safetensors.torch import load_file
 
 from ume_r1.checkpoint import LATEST
 
 REPO = Path(__file__).resolve().parent.parent
 # Wall-clock figures differ between any two runs; everything else must not.
-TIMED = ("timing_s/", "sync/seconds", "tokens_per_s")
+TIMED = ("timing_s/", "sync/seconds", "tokens_per_s", "elapsed_s")
 
 
 def grpo_command(model: str, train: str, run_dir: Path) -> list[str]:
@@ -37,9 +38,27 @@ def grpo_command(model: str, train: str, run_dir: Path) -> list[str]:
     ]
 
 
+def sft_command(model: str, train: str, run_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sft.train",
+        "profile=sft_tiny",
+        f"model.path={model}",
+        f"data.train_files={train}",
+        "data.test_files=null",
+        f"output_dir={run_dir}",
+        "train.total_steps=8",
+        "train.save_freq=2",
+        "train.global_batch_size=8",
+    ]
+
+
 def start(command: list[str], log: Path) -> subprocess.Popen:
     with log.open("a") as out:
-        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -78,10 +97,15 @@ def pointer(run_dir: Path) -> int:
     return int(path.read_text()) if path.is_file() else 0
 
 
-def test_grpo_resumes_exactly_after_sigkill(tiny_model_dir, synthetic_dir, tmp_path):
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_resumes_exactly_after_sigkill(stage, tiny_model_dir, synthetic_dir, sft_dir, tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     log = tmp_path / "log.txt"
-    command = grpo_command(tiny_model_dir, synthetic_dir["train"], killed)
+    make_command, train = {
+        "grpo": (grpo_command, synthetic_dir["train"]),
+        "sft": (sft_command, sft_dir["train"]),
+    }[stage]
+    command = make_command(tiny_model_dir, train, killed)
 
     # Checkpoints every 2 steps: once step 4's is committed, step 5 is under way.
     proc = start(command, log)
@@ -89,7 +113,7 @@ def test_grpo_resumes_exactly_after_sigkill(tiny_model_dir, synthetic_dir, tmp_p
     assert [row["step"] for row in metrics(killed)] == [1, 2, 3, 4]
 
     finish(start(command, log), log)
-    finish(start(grpo_command(tiny_model_dir, synthetic_dir["train"], whole), log), log)
+    finish(start(make_command(tiny_model_dir, train, whole), log), log)
 
     assert "resumed from" in log.read_text()
     resumed, uninterrupted = metrics(killed), metrics(whole)

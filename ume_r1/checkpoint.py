@@ -91,9 +91,12 @@ class CheckpointDir:
     def path(self, step: int) -> Path:
         return self.root / f"global_step_{step}"
 
+    def staging(self, step: int) -> Path:
+        return self.root / f"global_step_{step}.tmp"
+
     def begin(self, step: int) -> Path:
         """A fresh staging directory for the checkpoint of `step`."""
-        staging = self.root / f"global_step_{step}.tmp"
+        staging = self.staging(step)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         return staging
@@ -101,7 +104,7 @@ class CheckpointDir:
     def commit(self, step: int, state: dict) -> Path:
         """Write `state`, rename staging to `global_step_<step>`, then point the pointer file at it and
         drop the oldest checkpoints beyond `keep`."""
-        staging = self.root / f"global_step_{step}.tmp"
+        staging = self.staging(step)
         _write_atomic(staging / STATE, json.dumps({"step": step, **state}))
         final = self.path(step)
         if final.exists():  # written by an earlier attempt that died before moving the pointer

@@ -19,19 +19,15 @@ CONSOLE_KEYS = (
 
 
 class MetricLogger:
-    """`resumed_step`: the step a resumed run's checkpoint holds. The log keeps the rows up to it and
-    drops those of steps the killed run made after it (they are made again), so no step is lost or
-    doubled; wandb continues the run `run_id`."""
+    """`resumed_step`: the step a resumed run's checkpoint holds (see `keep_metrics`); wandb continues
+    the run `run_id`."""
 
     def __init__(
         self, cfg: DictConfig, run_dir: Path, resumed_step: int = 0, run_id: str | None = None
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        kept = [row for row in read_metrics(self.path) if row["step"] <= resumed_step] if resumed_step else []
-        tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.path)
+        keep_metrics(self.path, resumed_step)
         self.backends = list(cfg.trainer.logger)
         self.wandb = None
         self.run_id = run_id
@@ -61,6 +57,15 @@ class MetricLogger:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def keep_metrics(path: Path, last_step: int) -> None:
+    """Cut a metrics.jsonl back to the rows of steps up to `last_step` (0: empty it). A resumed run
+    makes the later steps again, so they are neither lost nor doubled."""
+    kept = [row for row in read_metrics(path) if row["step"] <= last_step] if last_step else []
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
