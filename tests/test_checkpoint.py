@@ -1,0 +1,145 @@
+"""Training-state checkpoints: the directory contract (staging, pointer, pruning, resume modes), a
+SIGKILL in the middle of a write, resharding from two learner ranks to one, and the data order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+from ume_r1.checkpoint import LATEST, CheckpointDir, read_state, resume_checkpoint
+from ume_r1.data_order import BatchOrder
+from ume_r1.trainer import pad_for_ranks
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def test_commit_moves_the_pointer_last_and_keeps_the_newest(tmp_path):
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    assert ckpts.latest() is None and resume_checkpoint("auto", tmp_path, None) is None
+    for step in (2, 4, 6):
+        (ckpts.begin(step) / "payload").write_text(str(step))
+        assert ckpts.latest() != ckpts.path(step)  # staged, not yet the latest
+        ckpts.commit(step, {"x": step})
+    assert (tmp_path / LATEST).read_text() == "6"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_4", "global_step_6", LATEST]
+    assert read_state(ckpts.latest()) == {"step": 6, "x": 6}
+    assert resume_checkpoint("resume_path", tmp_path, str(ckpts.path(4))) == ckpts.path(4)
+    assert resume_checkpoint("disable", tmp_path, None) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resume_checkpoint("resume_path", tmp_path, str(tmp_path / "global_step_2"))
+    with pytest.raises(ValueError, match="resume_mode='sometimes'"):
+        resume_checkpoint("sometimes", tmp_path, None)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from torch.distributed.checkpoint import FileSystemWriter
+    from ume_r1.checkpoint import CheckpointDir, save_sharded
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpts = CheckpointDir(sys.argv[1])
+    for step in (2, 4):
+        model(torch.randn(4, 1024)).square().mean().backward()
+        optimizer.step()
+        if step == 4:  # the kill lands once the data files are written, before the metadata
+            finish = FileSystemWriter.finish
+            def stalled(self, *args, **kwargs):
+                print("data written", flush=True)
+                time.sleep(600)
+                return finish(self, *args, **kwargs)
+            FileSystemWriter.finish = stalled
+        save_sharded(ckpts.begin(step) / "actor", model, optimizer)
+        ckpts.commit(step, {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))})
+    """
+)
+
+
+def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "data written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = CheckpointDir(tmp_path)
+    assert ckpts.latest() == ckpts.path(2)
+    assert ckpts.discard_partial() == [ckpts.staging(4)]
+    assert not ckpts.staging(4).exists()
+
+    from ume_r1.checkpoint import load_sharded
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
+    optimizer = torch.optim.AdamW(model.parameters())
+    load_sharded(ckpts.latest() / "actor", model, optimizer)
+    assert (
+        float(sum(p.double().sum() for p in model.parameters())) == read_state(ckpts.latest())["weight_sum"]
+    )
+    assert int(optimizer.state_dict()["state"][0]["step"]) == 1
+
+
+def _rank_save(rank: int, port: int, model_dir: str, data, out: str) -> None:
+    """One of two learner ranks: one update on its half of the rows, then a checkpoint; rank 0 also
+    writes the gathered model and optimizer state for comparison."""
+    os.environ.update(
+        {"WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    from conftest import make_learner  # pytest put tests/ on sys.path, and spawn passes it on
+
+    learner = make_learner(model_dir)
+    learner.update_actor(data.chunk(2)[rank])
+    scheduler = learner.save_state(f"{out}/actor")
+    model, optim = get_state_dict(learner.policy, learner.optimizer, options=FULL)
+    if rank == 0:
+        torch.save({"model": model, "optim": optim, "scheduler": scheduler}, f"{out}/full.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(learner, tiny_model_dir, mixed_batch, tmp_path):
+    from test_ppo_update import scored
+
+    _, data = mixed_batch
+    scored(learner, data, torch.linspace(-1.0, 1.5, len(data)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    padded = pad_for_ranks(data, 2)
+    mp.spawn(_rank_save, args=(port, tiny_model_dir, padded, str(tmp_path)), nprocs=2, join=True)
+    saved = torch.load(tmp_path / "full.pt")
+
+    learner.load_state(str(tmp_path / "actor"), saved["scheduler"])
+    model, optim = get_state_dict(learner.policy, learner.optimizer, options=FULL)
+    assert model.keys() == saved["model"].keys()
+    for name, value in saved["model"].items():
+        torch.testing.assert_close(model[name], value, rtol=0, atol=0, msg=name)
+    assert optim["state"].keys() == saved["optim"]["state"].keys() and optim["state"]
+    for name, state in saved["optim"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(optim["state"][name][key], value, rtol=0, atol=0, msg=f"{name} {key}")
+    assert learner.scheduler.state_dict() == saved["scheduler"]
+    learner.update_actor(data)  # and training goes on from there
+
+
+def test_batch_order_resumes_at_its_position():
+    order = BatchOrder(num_rows=10, batch_size=3, seed=7)
+    seen = [next(order) for _ in range(5)]  # three batches an epoch: into the second epoch
+    assert sorted(i for b in seen[:3] for i in b) == sorted(set(i for b in seen[:3] for i in b))
+    assert seen[:3] != seen[3:5] + [None]
+    state = order.state_dict()
+    later = [next(order) for _ in range(4)]
+    resumed = BatchOrder(num_rows=10, batch_size=3, seed=7)
+    resumed.load_state_dict(state)
+    assert [next(resumed) for _ in range(4)] == later
+    with pytest.raises(ValueError, match="had 10 usable rows, this run's has 11"):
+        BatchOrder(num_rows=11, batch_size=3, seed=7).load_state_dict(state)
