@@ -34,6 +34,7 @@ from ume_r1.checkpoint import (
 from ume_r1.data import Example, load_examples
 from ume_r1.data_order import BatchOrder
 from ume_r1.grouping import StepPrompts, plan_prompts
+from ume_r1.local_ray import start_local_ray
 from ume_r1.logger import MetricLogger
 from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import EncodedPrompt, UMEProcessor
@@ -49,7 +50,7 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFO
 
 def init_ray(cfg: DictConfig) -> None:
     """Join the cluster named by ray.address / RAY_ADDRESS (set by `ray job submit`), else start a
-    local Ray bound to 127.0.0.1 with no dashboard."""
+    local Ray: token-authenticated, bound to 127.0.0.1, no dashboard (ume_r1.local_ray)."""
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": WORKER_ENV}
@@ -58,12 +59,7 @@ def init_ray(cfg: DictConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env)
         return
     needed = cfg.rollout.num_workers + cfg.learner.num_workers + 1
-    ray.init(
-        num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env=runtime_env,
-    )
+    start_local_ray(cfg.ray.num_cpus or max(needed, os.cpu_count() or 1), runtime_env)
 
 
 def _threads(cfg: DictConfig, concurrent: int) -> int:
