@@ -40,6 +40,7 @@ from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import EncodedPrompt, UMEProcessor
 from ume_r1.reward_api import RewardBatch, available_rewards
 from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
+from ume_r1.supervision import SupervisedGroup, WorkerFailure
 from workers.hybrid import ActorRolloutRefWorker
 from workers.learner import LearnerWorker
 from workers.reward import RewardWorker
@@ -68,13 +69,16 @@ def _threads(cfg: DictConfig, concurrent: int) -> int:
     return max(1, (os.cpu_count() or 1) // concurrent)
 
 
-def worker_group(cls, pool: RayResourcePool, threads: int, config: DictConfig) -> RayWorkerGroup:
-    return RayWorkerGroup(
+def worker_group(
+    cls, pool: RayResourcePool, threads: int, config: DictConfig, role: str, timeout_s: float
+) -> SupervisedGroup:
+    group = RayWorkerGroup(
         pool,
         RayClassWithInitArgs(cls=ray.remote(cls), config=config),
         device_name="cuda" if pool.use_gpu else "cpu",
         worker_env={**WORKER_ENV, "OMP_NUM_THREADS": str(threads)},
     )
+    return SupervisedGroup(group, cls, role, timeout_s)
 
 
 class GRPOTrainer:
@@ -124,29 +128,25 @@ class GRPOTrainer:
             )
 
         init_ray(cfg)
-        gpu = cfg.trainer.device == "cuda" or (
+        self.gpu = cfg.trainer.device == "cuda" or (
             cfg.trainer.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
         )
-        learner_pool = RayResourcePool([cfg.learner.num_workers], use_gpu=gpu, max_colocate_count=1)
+        self.timeout_s = float(cfg.trainer.worker_timeout_s)
+        self.rollout_restarts = 0
+        learner_pool = RayResourcePool([cfg.learner.num_workers], use_gpu=self.gpu, max_colocate_count=1)
         self.hybrid = bool(cfg.trainer.hybrid_engine)
-        model_path = self.model_path
-        if self.hybrid:  # verl's ActorRolloutRef: each learner rank generates with its own engine
-            self.learners = worker_group(
-                ActorRolloutRefWorker, learner_pool, _threads(cfg, 1), learner_config(cfg)
-            )
-            self.rollouts = self.learners
-            self.learners.init_model(model_path)
-        else:  # standalone rollout workers, scaled independently of the learners
-            self.learners = worker_group(LearnerWorker, learner_pool, _threads(cfg, 1), learner_config(cfg))
-            rollouts = cfg.rollout.num_workers
-            rollout_pool = RayResourcePool([rollouts], use_gpu=gpu, max_colocate_count=1)
-            self.rollouts = worker_group(
-                RolloutWorker, rollout_pool, _threads(cfg, rollouts), _plain(cfg.rollout)
-            )
-            self.learners.init_model(model_path)
-            self.rollouts.init_model(model_path)
+        # verl's ActorRolloutRef (hybrid): each learner rank generates with its own engine; else
+        # standalone rollout workers, scaled independently of the learners
+        learner_cls = ActorRolloutRefWorker if self.hybrid else LearnerWorker
+        self.learners = worker_group(
+            learner_cls, learner_pool, _threads(cfg, 1), learner_config(cfg), "learner", self.timeout_s
+        )
+        self.learners.init_model(self.model_path)
+        self.rollouts = self.learners if self.hybrid else self._rollout_group()
         reward_pool = RayResourcePool([1], use_gpu=False, max_colocate_count=1)
-        self.rewarder = worker_group(RewardWorker, reward_pool, 1, _plain(cfg.reward))
+        self.rewarder = worker_group(
+            RewardWorker, reward_pool, 1, _plain(cfg.reward), "reward", self.timeout_s
+        )
         self.rewarder.init_reward()
         self.logger = MetricLogger(
             cfg,
@@ -163,16 +163,61 @@ class GRPOTrainer:
         save_freq = self.cfg.trainer.save_freq
         steps = range(first, self.total_steps + 1)
         for step in tqdm(steps, desc="grpo", initial=first - 1, total=self.total_steps, dynamic_ncols=True):
-            metrics = self.step([self.examples[i] for i in next(self.order)], step)
-            self.logger.log(metrics, step)
-            if save_freq > 0 and (step % save_freq == 0 or step == self.total_steps):
-                self.save(step)
+            try:
+                metrics = self.step([self.examples[i] for i in next(self.order)], step)
+                self.logger.log(metrics, step)
+                if save_freq > 0 and (step % save_freq == 0 or step == self.total_steps):
+                    self.save(step)
+            except WorkerFailure as failure:
+                latest = self.checkpoints.latest()
+                raise WorkerFailure(
+                    f"step {step}: {failure}. Started again with trainer.resume_mode=auto, the run "
+                    f"resumes from {latest or 'the start (no checkpoint yet)'}"
+                ) from None
         final = (self.run_dir / "final").resolve()
         self.learners.save_checkpoint(str(final))
         self.logger.finish()
         return final
 
-    def _workers(self) -> dict[str, RayWorkerGroup]:
+    def _rollout_group(self) -> SupervisedGroup:
+        """Standalone rollout workers, each loaded from the original checkpoint."""
+        count = self.cfg.rollout.num_workers
+        pool = RayResourcePool([count], use_gpu=self.gpu, max_colocate_count=1)
+        group = worker_group(
+            RolloutWorker,
+            pool,
+            _threads(self.cfg, count),
+            _plain(self.cfg.rollout),
+            "rollout",
+            self.timeout_s,
+        )
+        group.init_model(self.model_path)
+        return group
+
+    def _rollout_call(self, method: str, *args):
+        """A call on the rollout workers. Standalone layout: when one dies or falls silent, the group
+        is recreated with the actor's current weights and the call repeated, up to
+        `trainer.max_worker_restarts` times in a run (the step's results do not change: the same
+        prompts and seeds reach the same weights). Hybrid: the engines are the learner ranks, whose
+        loss ends the run."""
+        while True:
+            try:
+                return getattr(self.rollouts, method)(*args)
+            except WorkerFailure as failure:
+                limit = self.cfg.trainer.max_worker_restarts
+                if self.hybrid or self.rollout_restarts >= limit:
+                    raise
+                self.rollout_restarts += 1
+                tqdm.write(
+                    f"{failure}; recreating the rollout workers "
+                    f"({self.rollout_restarts} of trainer.max_worker_restarts={limit})"
+                )
+                self.rollouts.shutdown()
+                self.rollouts = self._rollout_group()
+                if method != "load_weights":  # that call brings the current weights itself
+                    self.sync_weights()
+
+    def _workers(self) -> dict[str, SupervisedGroup]:
         groups = {"learner": self.learners, "reward": self.rewarder}
         if not self.hybrid:
             groups["rollout"] = self.rollouts
@@ -259,7 +304,9 @@ class GRPOTrainer:
         the slowest worker's generation seconds."""
         workers = self.rollouts.world_size
         chunks = [list(c) for c in np.array_split(np.arange(len(plan.prompts)), workers)]
-        results = self.rollouts.generate([[plan.prompts[i] for i in c] for c in chunks], [seed] * workers)
+        results = self._rollout_call(
+            "generate", [[plan.prompts[i] for i in c] for c in chunks], [seed] * workers
+        )
         return [group for r in results for group in r["responses"]], max(r["seconds"] for r in results)
 
     def sync_weights(self) -> dict[str, float]:
@@ -270,7 +317,7 @@ class GRPOTrainer:
         if self.hybrid:
             return self.learners.sync_rollout()[0]
         published = self.learners.publish_weights()[0]
-        self.rollouts.load_weights(published["refs"])
+        self._rollout_call("load_weights", published["refs"])
         return published["metrics"]
 
     def step_metrics(self, plan, data, prompt_index, scores, update_metrics, timing) -> dict[str, float]:
@@ -297,6 +344,7 @@ class GRPOTrainer:
             )
             metrics["actor/kl_to_ref"] = masked_mean(kl)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        metrics["fault/rollout_restarts"] = float(self.rollout_restarts)
         return metrics
 
 
