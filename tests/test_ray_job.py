@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ume_r1.local_ray import write_token
+
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -60,11 +62,12 @@ def processes_using(path: str) -> list[psutil.Process]:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="ume-ray-", dir="/tmp")  # short: Ray's socket paths have a length cap
     dash_port = free_port()
-    # Token auth stays on; `ray start` and `ray job submit` must agree on the mode (Ray 2.60).
+    # Token auth with a fresh private token; `ray start` and `ray job submit` must agree (Ray 2.60).
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"},
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(write_token()),
     }
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed in finally
     head = subprocess.Popen(
