@@ -28,29 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qwen2_vl_shapes import QWEN2_VL  # noqa: E402
+from qwen2_vl_shapes import cut_2b  # noqa: E402
 
 PROMPT_TOKENS = 64
-
-
-def two_layer_2b():
-    """A random Qwen2-VL-2B-shaped model cut to two decoder layers (and a one-block vision tower), and
-    its vocabulary size."""
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    shape = QWEN2_VL["2B"]
-    config = Qwen2VLConfig(
-        text_config={
-            **shape["text_config"],
-            "num_hidden_layers": 2,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        },
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 1536, "num_heads": 2, "mlp_ratio": 2},
-        tie_word_embeddings=True,
-    )
-    return Qwen2VLForConditionalGeneration(config), shape["text_config"]["vocab_size"]
 
 
 def one_step(variant: str, length: int, responses: int) -> dict:
@@ -60,7 +40,7 @@ def one_step(variant: str, length: int, responses: int) -> dict:
     import ume_r1.policy as policy_module
     from ume_r1.model import enable_gradient_checkpointing
 
-    model, vocab = two_layer_2b()
+    model, vocab = cut_2b(layers=2)
     if variant == "before":
 
         def plain(hidden, weight, targets, temperature=1.0, chunk_tokens=0, with_entropy=False):
@@ -104,7 +84,7 @@ def one_batch(variant: str, budget: int, rows_per_micro: int) -> dict:
     from ume_r1.policy import EmbeddingPolicy
     from ume_r1.processor import EncodedPrompt
 
-    model, vocab = two_layer_2b()
+    model, vocab = cut_2b(layers=2)
     enable_gradient_checkpointing(model, True, torch.device("cpu"))
     policy = EmbeddingPolicy(model, gen_emb_id=5).train()
     torch.manual_seed(0)

@@ -29,3 +29,23 @@ QWEN2_VL = {
         tie_word_embeddings=False,
     ),
 }
+
+
+def cut_2b(layers: int):
+    """A random Qwen2-VL-2B-shaped model (hidden 1536, vocabulary 151,936, tied embeddings) cut to
+    `layers` decoder layers and a one-block vision tower, fp32; and its vocabulary size."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    shape = QWEN2_VL["2B"]
+    config = Qwen2VLConfig(
+        text_config={
+            **shape["text_config"],
+            "num_hidden_layers": layers,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        },
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 1536, "num_heads": 2, "mlp_ratio": 2},
+        tie_word_embeddings=True,
+    )
+    return Qwen2VLForConditionalGeneration(config), shape["text_config"]["vocab_size"]

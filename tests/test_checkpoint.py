@@ -13,9 +13,17 @@ import textwrap
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-from ume_r1.checkpoint import LATEST, CheckpointDir, read_state, resume_checkpoint
+from ume_r1.checkpoint import (
+    LATEST,
+    CheckpointDir,
+    load_sharded,
+    read_state,
+    resume_checkpoint,
+    save_sharded,
+)
 from ume_r1.data_order import BatchOrder
 from ume_r1.trainer import pad_for_ranks
 
@@ -77,8 +85,6 @@ def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
     assert ckpts.discard_partial() == [ckpts.staging(4)]
     assert not ckpts.staging(4).exists()
 
-    from ume_r1.checkpoint import load_sharded
-
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
     optimizer = torch.optim.AdamW(model.parameters())
     load_sharded(ckpts.latest() / "actor", model, optimizer)
@@ -86,6 +92,21 @@ def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
         float(sum(p.double().sum() for p in model.parameters())) == read_state(ckpts.latest())["weight_sum"]
     )
     assert int(optimizer.state_dict()["state"][0]["step"]) == 1
+
+
+def test_a_tied_weight_is_written_once_and_restored_tied(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_sharded(tmp_path, model, optimizer)
+    saved = FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+    assert "model.0.weight" in saved and "model.1.weight" not in saved
+    expected = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    load_sharded(tmp_path, model, optimizer)
+    assert model[1].weight is model[0].weight and torch.equal(model[0].weight, expected)
 
 
 def _rank_save(rank: int, port: int, model_dir: str, data, out: str) -> None:

@@ -36,17 +36,30 @@ _STEP_DIR = re.compile(r"global_step_(\d+)")
 
 
 def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Model and optimizer, each rank its own shard (torch.distributed.checkpoint). Collective."""
+    """Model and optimizer, each rank its own shard (torch.distributed.checkpoint). A tied weight (the
+    2B model's embeddings and LM head) is written once. Collective."""
     model_state, optim_state = get_state_dict(model, optimizer)
+    model_state = {k: v for k, v in model_state.items() if k not in _aliases(model)}
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The inverse of `save_sharded`, resharded to this run's ranks. Collective."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    aliases = _aliases(model)
+    state = {"model": {k: v for k, v in model_state.items() if k not in aliases}, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path))
+    state["model"].update({alias: state["model"][name] for alias, name in aliases.items()})
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Parameter names that are another name's parameter (tied weights): alias -> first name."""
+    first, aliases = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.update({name: first[id(param)]} if id(param) in first else {})
+        first.setdefault(id(param), name)
+    return aliases
 
 
 def rng_state() -> dict:
