@@ -164,3 +164,39 @@ def test_batch_order_resumes_at_its_position():
     assert [next(resumed) for _ in range(4)] == later
     with pytest.raises(ValueError, match="had 10 usable rows, this run's has 11"):
         BatchOrder(num_rows=11, batch_size=3, seed=7).load_state_dict(state)
+
+
+def test_the_metrics_log_and_wandb_run_continue(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ume_r1.logger import MetricLogger, read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create(
+        {
+            "trainer": {
+                "logger": ["wandb"],
+                "project_name": "p",
+                "experiment_name": "e",
+                "wandb_mode": "offline",
+            }
+        }
+    )
+    first = MetricLogger(cfg, tmp_path)
+    for step in (1, 2, 3):
+        first.log({"x": float(step)}, step)
+    first.finish()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "x"')  # a line cut short by a kill
+
+    resumed = MetricLogger(cfg, tmp_path, resumed_step=2, run_id=first.run_id)  # checkpoint of step 2
+    assert resumed.wandb.id == first.run_id
+    resumed.log({"x": 3.5}, 3)
+    resumed.finish()
+    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.5),
+    ]
+    assert MetricLogger(OmegaConf.create({"trainer": {"logger": []}}), tmp_path).path.read_text() == ""

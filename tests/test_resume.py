@@ -33,8 +33,7 @@ def grpo_command(model: str, train: str, run_dir: Path) -> list[str]:
         f"data.train_files={train}",
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=8",
-        "trainer.save_freq=2",
-        "trainer.logger=[console]",
+        "trainer.save_freq=2",  # default loggers: console and wandb (offline)
     ]
 
 

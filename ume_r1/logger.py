@@ -34,16 +34,16 @@ class MetricLogger:
         if "wandb" in self.backends:
             import wandb
 
-            self.run_id = run_id or wandb.util.generate_id()
             self.wandb = wandb.init(
                 project=cfg.trainer.project_name,
                 name=cfg.trainer.experiment_name,
-                id=self.run_id,
-                resume="allow",
+                id=run_id,
+                resume="allow" if run_id else None,
                 dir=str(run_dir),
                 mode=os.environ.get("WANDB_MODE", cfg.trainer.wandb_mode),
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
+            self.run_id = self.wandb.id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         with self.path.open("a") as f:
