@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -23,11 +24,10 @@ from ume_r1.checkpoint import (
     SHARDS,
     CheckpointDir,
     load_sharded,
-    read_state,
+    restore_all_ranks,
     resume_checkpoint,
-    rng_state,
+    save_all_ranks,
     save_sharded,
-    set_rng_state,
 )
 from ume_r1.data_order import BatchOrder
 from ume_r1.embed import Embedder
@@ -119,43 +119,32 @@ def train(cfg: DictConfig) -> dict:
     resume = resume_checkpoint(tc.resume_mode, out_dir, tc.resume_from_path)
     first, skipped = 1, 0
     if resume is not None:
-        state = read_state(resume)
-        load_sharded(resume / SHARDS, policy, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        order.load_state_dict(state["data"])
-        set_rng_state(state["rng"][rank % len(state["rng"])])
+        state = restore_all_ranks(
+            resume, lambda path: load_sharded(path / SHARDS, policy, optimizer), scheduler, order
+        )
         first, skipped = state["step"] + 1, state["skipped_steps"]
-        if rank == 0:
-            print(f"resumed from {resume} (step {state['step']})", flush=True)
     log = None
     if rank == 0:
         checkpoints.discard_partial()
         keep_metrics(out_dir / "metrics.jsonl", first - 1)
         log = (out_dir / "metrics.jsonl").open("a")
 
-    def save(step: int) -> None:
-        """Training state after `step` (see ume_r1.checkpoint). Collective."""
-        if rank == 0:
-            checkpoints.begin(step)
-        dist.barrier()
-        staging = checkpoints.staging(step)
+    def write(staging: Path) -> None:
         save_sharded(staging / SHARDS, policy, optimizer)
         if tc.save_hf_model:
             save_hf_checkpoint(policy, tokenizer, cfg.model.path, str(staging / "hf"))
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state())
-        if rank == 0:
+
+    def save(step: int) -> None:
+        if log is not None:
             log.flush()
-            state = {
-                "data": order.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs,
-                "skipped_steps": skipped,
-                "model_path": str(cfg.model.path),
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            }
-            checkpoints.commit(step, state)
-        dist.barrier()
+        state = {
+            "data": order.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "skipped_steps": skipped,
+            "model_path": str(cfg.model.path),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        save_all_ranks(checkpoints, step, write, state)
 
     start = time.perf_counter()
     policy.train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import pytest
@@ -167,3 +168,153 @@ def test_left_padded_batch_matches_hf(tiny_model_dir, model_parallel):
         mc = MegatronQwen2VL.from_hf(model, transformer_config(model.config.text_config)).cuda().eval()
         _, logits = mc(ids, mask, **media)
     torch.testing.assert_close(logits.float()[:, 3:], ref[:, 3:], atol=1e-4, rtol=1e-4)
+
+
+def _adamw_with_state(model: MegatronQwen2VL, seed: int) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters after two steps on fake gradients; the first
+    parameter never gets a gradient, so it has no optimizer state."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1 / (s + 1))
+    for _ in range(2):
+        for p in params[1:]:
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        optim.step(), sched.step()
+    return optim
+
+
+def test_megatron_state_round_trip_is_exact(tiny_model_dir, model_parallel, tmp_path):
+    from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
+
+    def build() -> MegatronQwen2VL:
+        hf, _ = load_model(tiny_model_dir)
+        model = MegatronQwen2VL.from_hf(hf, transformer_config(hf.config.text_config))
+        model.model.visual.blocks[0].requires_grad_(False)  # frozen: in the checkpoint, not the optimizer
+        return model
+
+    model = build()
+    optim = _adamw_with_state(model, seed=0)
+    save_megatron_state(tmp_path / "ckpt", model, optim)
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"metadata.json", ".metadata", "common.pt"} <= files, files
+
+    fresh = build()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh_optim = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=5.0)
+    load_megatron_state(tmp_path / "ckpt", fresh, fresh_optim)
+
+    saved, loaded = model.state_dict(), fresh.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key, tensor in saved.items():
+        if torch.is_tensor(tensor):
+            assert tensor.dtype == loaded[key].dtype and torch.equal(tensor, loaded[key]), key
+    saved, loaded = optim.state_dict(), fresh_optim.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]  # lr, initial_lr, betas, weight decay
+    assert saved["state"].keys() == loaded["state"].keys() and 0 not in loaded["state"]
+    for index, state in saved["state"].items():
+        assert state.keys() == loaded["state"][index].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for name, tensor in state.items():
+            other = loaded["state"][index][name]
+            assert tensor.dtype == other.dtype and torch.equal(tensor, other), (index, name)
+    assert float(loaded["state"][1]["step"]) == 2.0
+
+
+def _cpu_forward(model, pairs, ids, pad_id, device) -> dict[str, torch.Tensor]:
+    """A stand-in for `forward_pairs` (megatron-core's decoder forward is CUDA-only): word embeddings
+    scaled by the final norm's weight, so that two parameters train and the rest keep no optimizer state."""
+    from ume_r1.batch import pack_sequences
+
+    batch = pack_sequences(pairs.prompts, pairs.responses, pad_id)
+    gpt = model.gpt
+    hidden = gpt.embedding.word_embeddings(batch["input_ids"]) * gpt.decoder.final_layernorm.weight
+    width = batch["responses"].shape[1]
+    return {
+        "log_probs": -hidden[:, -width:].pow(2).mean(-1),
+        "mask": batch["response_mask"].float(),
+        "gen": torch.nn.functional.normalize(hidden[:, -1], dim=-1),
+        "disc": torch.nn.functional.normalize(hidden[:, 0], dim=-1),
+    }
+
+
+def _run_train(monkeypatch, overrides: list[str]) -> dict:
+    """sft.megatron.train.train in this process, as rank 0 of a world of one."""
+    from sft.megatron.train import load_config, train
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    return train(load_config(overrides))
+
+
+def _check_resume_matches_uninterrupted(monkeypatch, capsys, tmp_path, model_dir, train_file, exact):
+    """6 steps with a checkpoint every 2 (the newest 2 kept), against a run that starts from the first
+    run's step-4 checkpoint alone (as if killed during step 5): same last metrics, same HF export."""
+    from safetensors.torch import load_file
+
+    from ume_r1.checkpoint import LATEST
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+
+    def overrides(out_dir):
+        return [
+            f"model.path={model_dir}",
+            f"data.train_files={train_file}",
+            "data.max_length=512",
+            "data.max_pixels=3136",
+            "train.global_batch_size=4",
+            "train.total_steps=6",
+            "train.save_freq=2",
+            "train.max_ckpt_to_keep=2",
+            "train.lr=1e-3",
+            "train.dtype=float32",
+            "train.log_freq=1",
+            f"output_dir={out_dir}",
+        ]
+
+    last = _run_train(monkeypatch, overrides(whole))
+    assert sorted(p.name for p in whole.glob("global_step_*")) == ["global_step_4", "global_step_6"]
+    assert (whole / LATEST).read_text() == "6"
+    assert (whole / "global_step_4" / "megatron" / "metadata.json").is_file()
+
+    shutil.copytree(whole / "global_step_4", resumed / "global_step_4")
+    (resumed / LATEST).write_text("4")
+    (resumed / "global_step_6.tmp").mkdir()  # an interrupted save: removed on start
+    capsys.readouterr()
+    again = _run_train(monkeypatch, overrides(resumed))
+    assert "(step 4)" in capsys.readouterr().out
+    assert not (resumed / "global_step_6.tmp").exists()
+    assert (resumed / LATEST).read_text() == "6"
+
+    timed = ("tokens_per_s",)
+    assert last["step"] == again["step"] == 6
+    a = {k: v for k, v in last.items() if k not in timed}
+    b = {k: v for k, v in again.items() if k not in timed}
+    w, r = load_file(whole / "hf" / "model.safetensors"), load_file(resumed / "hf" / "model.safetensors")
+    assert w.keys() == r.keys()
+    if exact:
+        assert a == b
+        assert all(torch.equal(w[k], r[k]) for k in w)
+    else:  # CUDA kernels (atomics in the embedding backward) need not repeat bit for bit
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+        for key in w:
+            torch.testing.assert_close(r[key], w[key], rtol=1e-4, atol=1e-5)
+
+
+def test_train_resume_bookkeeping_cpu(tiny_model_dir, sft_dir, tmp_path, monkeypatch, capsys):
+    """The checkpoint/resume path of train() on CPU, with the CUDA-only forward replaced."""
+    import sft.megatron.train as megatron_train
+
+    monkeypatch.setattr(megatron_train, "forward_pairs", _cpu_forward)
+    _check_resume_matches_uninterrupted(
+        monkeypatch, capsys, tmp_path, tiny_model_dir, sft_dir["train"], exact=True
+    )
+
+
+@pytest.mark.gpu
+def test_train_resume_matches_uninterrupted(tiny_model_dir, sft_dir, tmp_path, monkeypatch, capsys):
+    _check_resume_matches_uninterrupted(
+        monkeypatch, capsys, tmp_path, tiny_model_dir, sft_dir["train"], exact=False
+    )

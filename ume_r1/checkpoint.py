@@ -22,10 +22,12 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -153,6 +155,34 @@ class CheckpointDir:
         for step in steps[: -self.keep]:
             if step != latest:
                 shutil.rmtree(self.path(step), ignore_errors=True)
+
+
+def save_all_ranks(checkpoints: CheckpointDir, step: int, write: Callable[[Path], None], state: dict) -> None:
+    """One checkpoint of a torchrun job (the SFT backends): rank 0 stages it, every rank `write`s its
+    shards into the staging directory, the ranks' RNG states are gathered, rank 0 commits `state`.
+    Collective."""
+    if dist.get_rank() == 0:
+        checkpoints.begin(step)
+    dist.barrier()
+    write(checkpoints.staging(step))
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng_state())
+    if dist.get_rank() == 0:
+        checkpoints.commit(step, {**state, "rng": rngs})
+    dist.barrier()
+
+
+def restore_all_ranks(path: Path, read: Callable[[Path], None], scheduler, order) -> dict:
+    """The inverse of `save_all_ranks` on every rank: `read` loads the shards, then the LR scheduler,
+    the data position and this rank's RNG (ranks beyond the saved ones wrap round). Returns the state."""
+    state = read_state(path)
+    read(path)
+    scheduler.load_state_dict(state["scheduler"])
+    order.load_state_dict(state["data"])
+    set_rng_state(state["rng"][dist.get_rank() % len(state["rng"])])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} (step {state['step']})", flush=True)
+    return state
 
 
 def resume_checkpoint(mode: str, root: str | Path, resume_from_path: str | None) -> Path | None:

@@ -5,13 +5,17 @@ Run under torchrun (recipes/ume_sft_megatron.sh). Config: configs/sft.yaml plus 
 data-parallel size is world / TP. In-batch negatives are gathered over the data-parallel group only
 (tensor-parallel ranks of one data-parallel rank hold the same rows). Each rank runs its whole share of
 the global batch in one forward: GradCache chunking (`train.chunk_size`) is the torch backend's.
+
+Training-state checkpoints and resume follow the torch backend (`train.save_freq`, `max_ckpt_to_keep`,
+`save_hf_model`, `resume_mode`, `resume_from_path`; layout in ume_r1/checkpoint.py), except that the model
+and optimizer go to `global_step_N/megatron` in megatron-core's format, which loads under another TP size.
+The HF export of the end of training is `<output_dir>/hf`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,16 +29,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from sft.data import load_sft_pairs
 from sft.losses import info_nce, token_nll
+from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
 from sft.megatron.convert import tp_merge
 from sft.megatron.model import MegatronQwen2VL, transformer_config
 from sft.step import encode_pairs
 from ume_r1.batch import media_inputs, pack_sequences
+from ume_r1.checkpoint import CheckpointDir, restore_all_ranks, resume_checkpoint, save_all_ranks
+from ume_r1.data_order import BatchOrder
 from ume_r1.model import load_image_processor, load_model, resolve_dtype, write_hf_checkpoint
 from ume_r1.policy import disc_embeddings, gen_emb_positions, hidden_at
 from ume_r1.processor import UMEProcessor
 from ume_r1.template import DISC_EMB, GEN_EMB
 
 DEFAULTS = {"megatron": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}}
+# global_step_N/megatron: model and optimizer in megatron-core's format (sft/megatron/checkpoint.py)
+SHARDS = "megatron"
 
 
 def load_config(overrides: list[str]) -> DictConfig:
@@ -124,6 +133,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     ps.initialize_model_parallel(tp, pp)
+    rank = dist.get_rank()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = resolve_dtype(cfg.train.get("dtype", "auto"), device)
     seed = cfg.train.get("seed", 1)
@@ -161,15 +171,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if gbs % dp or len(pairs) < gbs:
         raise ValueError(f"global_batch_size={gbs} must divide by DP={dp} and not exceed {len(pairs)} pairs")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (DISC_EMB, GEN_EMB)}
-    rng, order, metrics = random.Random(cfg.data.seed), [], {}
+    order = BatchOrder(len(pairs), gbs, cfg.data.seed, cfg.data.shuffle)  # the same on every rank
+    out_dir, tc = Path(cfg.output_dir), cfg.train
+    checkpoints = CheckpointDir(out_dir, tc.get("max_ckpt_to_keep", None))
+    resume = resume_checkpoint(tc.get("resume_mode", "auto"), out_dir, tc.get("resume_from_path", None))
+    first = 1
+    if resume is not None:
+        read = lambda path: load_megatron_state(path / SHARDS, model, optim)  # noqa: E731
+        first = restore_all_ranks(resume, read, sched, order)["step"] + 1
+    if rank == 0:
+        checkpoints.discard_partial()
+
+    def write(staging: Path) -> None:
+        save_megatron_state(staging / SHARDS, model, optim)
+        if tc.get("save_hf_model", False):
+            export_hf(model, cfg.model.path, tokenizer, str(staging / "hf"))
+
+    def save(step: int) -> None:
+        state = {
+            "data": order.state_dict(),
+            "scheduler": sched.state_dict(),
+            "model_path": str(cfg.model.path),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        save_all_ranks(checkpoints, step, write, state)
+
+    metrics, save_freq = {}, tc.get("save_freq", -1)
     model.train()
-    for step in range(steps):
+    for step in range(first, steps + 1):
         started = time.perf_counter()
-        if len(order) < gbs:  # a new epoch, same shuffle on every rank
-            order = list(range(len(pairs)))
-            if cfg.data.shuffle:
-                rng.shuffle(order)
-        batch, order = order[:gbs], order[gbs:]
+        batch = next(order)
         enc = encode_pairs([pairs[i] for i in batch[dp_rank::dp]], processor)
         out = forward_pairs(model, enc, ids, tokenizer.pad_token_id, device)
         b, temp = enc.num_pairs, cfg.train.temperature
@@ -185,16 +216,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             torch.cuda.synchronize()
         seq_tokens = sum(len(p.input_ids) for p in enc.prompts) + enc.assistant_tokens()
         metrics = {
-            "step": step + 1,
+            "step": step,
             "tokens_per_s": seq_tokens * dp / (time.perf_counter() - started),  # prompt + response, all DP
             "disc_nce": float(disc.detach()),
             "gen_nce": float(gen.detach()),
             "ce": float(ce.detach()),
             "grad_norm": norm,
         }
-        if dist.get_rank() == 0 and (step % cfg.train.log_freq == 0 or step + 1 == steps):
+        if rank == 0 and ((step - 1) % cfg.train.log_freq == 0 or step == steps):
             print(metrics, flush=True)
-    export_hf(model, cfg.model.path, tokenizer, str(Path(cfg.output_dir) / "hf"))
+        if save_freq > 0 and (step % save_freq == 0 or step == steps):
+            save(step)
+    export_hf(model, cfg.model.path, tokenizer, str(out_dir / "hf"))
     ps.destroy_model_parallel()
     dist.destroy_process_group()
     return metrics
