@@ -106,13 +106,15 @@ def test_resumes_exactly_after_sigkill(stage, tiny_model_dir, synthetic_dir, sft
     }[stage]
     command = make_command(tiny_model_dir, train, killed)
 
+    # The uninterrupted run goes alongside (results do not depend on the load: CPU runs repeat exactly).
+    uninterrupted = start(make_command(tiny_model_dir, train, whole), tmp_path / "whole.txt")
     # Checkpoints every 2 steps: once step 4's is committed, step 5 is under way.
     proc = start(command, log)
     kill_group_when(proc, lambda: pointer(killed) == 4, log)
     assert [row["step"] for row in metrics(killed)] == [1, 2, 3, 4]
 
     finish(start(command, log), log)
-    finish(start(make_command(tiny_model_dir, train, whole), log), log)
+    finish(uninterrupted, tmp_path / "whole.txt")
 
     assert "resumed from" in log.read_text()
     resumed, uninterrupted = metrics(killed), metrics(whole)
