@@ -171,6 +171,7 @@ def test_the_metrics_log_and_wandb_run_continue(tmp_path, monkeypatch):
 
     from ume_r1.logger import MetricLogger, read_metrics
 
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # wandb.init sets it; undone after the test
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = OmegaConf.create(

@@ -65,7 +65,12 @@ LAYOUTS = [
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_dir, tmp_path, local_ray):
     cfg = grpo_config(
-        tiny_model_dir, synthetic_dir["train"], tmp_path / "run", "trainer.total_training_steps=2", *layout
+        tiny_model_dir,
+        synthetic_dir["train"],
+        tmp_path / "run",
+        "trainer.total_training_steps=2",
+        "trainer.save_hf_model=true",
+        *layout,
     )
     trainer = GRPOTrainer(cfg)
     final = trainer.fit()
@@ -107,6 +112,13 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
     start = load(tiny_model_dir, local_files_only=True).state_dict()
     assert any(not torch.equal(start[k], reloaded[k]) for k in start)
     assert not any(p.name.endswith(".tmp") for p in Path(final).parent.iterdir())
+    # The last step's training-state checkpoint, with the HF export asked for.
+    checkpoint = tmp_path / "run" / "global_step_2"
+    assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (checkpoint / "actor" / ".metadata").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    exported = load(checkpoint / "hf", local_files_only=True).state_dict()
+    assert all(torch.equal(exported[k], reloaded[k]) for k in reloaded)
 
 
 def test_unknown_reward_lists_available(tiny_model_dir, synthetic_dir, tmp_path):

@@ -34,6 +34,8 @@ class MetricLogger:
         if "wandb" in self.backends:
             import wandb
 
+            if run_id:  # a wandb service inherited from a parent may still hold the killed run's stream
+                os.environ.pop("WANDB_SERVICE", None)
             self.wandb = wandb.init(
                 project=cfg.trainer.project_name,
                 name=cfg.trainer.experiment_name,
