@@ -44,11 +44,18 @@ class BatchOrder:
         return self._permutation[start : start + self.batch_size].tolist()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "next_batch": self.next_batch, "num_rows": self.num_rows}
+        return {
+            "epoch": self.epoch,
+            "next_batch": self.next_batch,
+            "num_rows": self.num_rows,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["num_rows"] != self.num_rows:  # the same position in other data is another order
-            raise ValueError(
-                f"the checkpoint's data had {state['num_rows']} usable rows, this run's has {self.num_rows}"
-            )
+        # the same position in other data, or in batches of another size, is another order
+        for key in ("num_rows", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"the checkpoint's data order has {key}={state[key]}, this run's has {getattr(self, key)}"
+                )
         self.epoch, self.next_batch, self._permutation = int(state["epoch"]), int(state["next_batch"]), None
