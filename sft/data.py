@@ -1,4 +1,5 @@
-"""The UME-R1 cold-start SFT row format and its parquet loader (DESIGN.md section 7, paper section 3.3).
+"""The UME-R1 cold-start SFT row format and its loader (DESIGN.md section 7, paper section 3.3):
+parquet, JSON Lines or JSON files (`ume_r1.data_files`).
 
 One row per query / positive pair. Each side is the native side struct of `ume_r1.data`
 (``{text, images: list<{bytes, path}>, video: list<{bytes, path}>}``, the content of the human
@@ -90,9 +91,9 @@ def _sft_parser(path: str, columns: set[str]) -> RowParser[SFTPair]:
 def load_sft_pairs(
     paths: str | Sequence[str], image_root: str | None = None, on_bad_row: str = "raise"
 ) -> tuple[list[SFTPair], LoadReport]:
-    """Load SFT pairs from one or more parquet files.
+    """Load SFT pairs from one or more parquet, JSON Lines or JSON files.
 
-    Relative image paths resolve against `image_root`, else the parquet file's directory. A bad row
+    Relative image paths resolve against `image_root`, else the file's directory. A bad row
     (malformed response, unreadable media, empty side) raises `BadRowError` naming file and row with
     ``on_bad_row="raise"``, or is skipped and counted with ``"skip"``. Missing columns: ValueError.
     """

@@ -1,4 +1,5 @@
-"""Data schema and parquet loaders for query / positive / negative rows (DESIGN.md section 7).
+"""Data schema and loaders for query / positive / negative rows (DESIGN.md section 7), from parquet,
+JSON Lines or JSON files (`ume_r1.data_files`).
 
 Two row layouts are detected from the columns:
 
@@ -13,6 +14,8 @@ Images are decoded to RGB here so that a bad file fails in the loader, naming it
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 import re
@@ -20,8 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import pyarrow.parquet as pq
 from PIL import Image
+
+from ume_r1.data_files import RowProblem, open_rows
 
 ON_BAD_ROW = ("raise", "skip")
 NATIVE_COLUMNS = {"query", "positive"}
@@ -68,10 +72,6 @@ class BadRowError(ValueError):
     """A row that cannot be loaded; the message names the file, the row and the key or file at fault."""
 
 
-class RowProblem(Exception):
-    """Raised inside row parsing; `load_rows` turns it into a BadRowError carrying file and row."""
-
-
 def _open_image(source: str | bytes, what: str, shown: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
@@ -84,9 +84,17 @@ def _open_image(source: str | bytes, what: str, shown: str) -> Image.Image:
 
 
 def _load_media(entries: list[dict[str, Any]] | None, root: str, what: str) -> list[Image.Image]:
+    if entries is not None and not isinstance(entries, list):
+        raise RowProblem(f"{what}s should be a list, found {type(entries).__name__}")
     frames = []
     for k, entry in enumerate(entries or []):
+        if entry is not None and not isinstance(entry, dict):
+            raise RowProblem(
+                f"{what} {k} should be an object with bytes or path, found {type(entry).__name__}"
+            )
         data, path = (entry or {}).get("bytes"), (entry or {}).get("path")
+        if isinstance(data, str):  # JSON files carry image bytes as base64
+            data = _base64(data, f"{what} {k}")
         if data:
             frames.append(_open_image(bytes(data), f"{what} {k}", f"({len(data)} bytes)"))
         elif path:
@@ -94,6 +102,13 @@ def _load_media(entries: list[dict[str, Any]] | None, root: str, what: str) -> l
         else:
             raise RowProblem(f"{what} {k} has neither bytes nor path")
     return frames
+
+
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise RowProblem(f"{what} bytes are a string but not base64 ({e})") from e
 
 
 def _open_image_path(path: str, root: str, what: str) -> Image.Image:
@@ -111,6 +126,10 @@ def _checked(side: Side, name: str) -> Side:
 def native_side(value: dict[str, Any] | None, root: str, name: str) -> Side:
     """Parse one native side struct into a `Side`; raises `RowProblem` naming `name` when bad or empty."""
     value = value or {}
+    if not isinstance(value, dict):
+        raise RowProblem(f"{name} should be an object with text, images, video; found {type(value).__name__}")
+    if not isinstance(value.get("text") or "", str):
+        raise RowProblem(f"{name} text should be a string, found {type(value['text']).__name__}")
     video = _load_media(value.get("video"), root, f"{name} video frame")
     side = Side(
         text=value.get("text") or "",
@@ -134,13 +153,16 @@ def _native_row(row: dict[str, Any], root: str, index: int) -> Example:
 
 
 def _mmeb_side(text: str | None, image_path: str | None, root: str, name: str) -> Side:
+    for key, value in (("text", text), ("image path", image_path)):
+        if value is not None and not isinstance(value, str):
+            raise RowProblem(f"{name} {key} should be a string, found {type(value).__name__}")
     images = [_open_image_path(image_path, root, f"{name} image file")] if image_path else []
     return _checked(Side(text=_PLACEHOLDER_RE.sub("", text or "").strip(), images=images), name)
 
 
 def _mmeb_row(row: dict[str, Any], root: str, index: int) -> Example:
-    query = _mmeb_side(row["qry"], row["qry_image_path"], root, "query")
-    positive = _mmeb_side(row["pos_text"], row["pos_image_path"], root, "positive")
+    query = _mmeb_side(row.get("qry"), row.get("qry_image_path"), root, "query")
+    positive = _mmeb_side(row.get("pos_text"), row.get("pos_image_path"), root, "positive")
     neg_text, neg_image = row.get("neg_text"), row.get("neg_image_path")
     # An empty neg_text and neg_image_path means "no explicit negative", not an empty side.
     negatives = [_mmeb_side(neg_text, neg_image, root, "negative")] if neg_text or neg_image else []
@@ -156,12 +178,14 @@ def load_rows(
     image_root: str | None = None,
     on_bad_row: str = "raise",
 ) -> tuple[list[T], LoadReport]:
-    """Parse every row of one or more parquet files with the parser `pick_parser(path, columns)` returns.
+    """Parse every row of one or more row files (parquet, JSON Lines, JSON) with the parser
+    `pick_parser(path, columns)` returns.
 
     The parser gets ``(row, image_root, index)`` and raises `RowProblem` for a bad row; `pick_parser`
     raises ValueError for a column layout it does not know. Relative image paths resolve against
-    `image_root`, else the parquet file's directory. With ``on_bad_row="raise"`` a bad row raises
-    `BadRowError` naming file and row; with ``"skip"`` it is skipped and its message recorded.
+    `image_root`, else the file's directory. With ``on_bad_row="raise"`` a bad row raises
+    `BadRowError` naming file and row (or line); with ``"skip"`` it is skipped and its message
+    recorded. A file that cannot be read at all raises `DataFileError`.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
@@ -169,23 +193,22 @@ def load_rows(
     items: list[T] = []
     report = LoadReport(rows=0, loaded=0, skipped=0)
     for path in paths:
-        parquet = pq.ParquetFile(path)
-        parse = pick_parser(path, set(parquet.schema_arrow.names))
+        rows = open_rows(path)
+        parse = pick_parser(path, rows.columns)
         root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-        index = 0
-        for batch in parquet.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                report.rows += 1
-                try:
-                    items.append(parse(row, root, index))
-                    report.loaded += 1
-                except RowProblem as e:
-                    message = f"{path} row {index}: {e}"
-                    if on_bad_row == "raise":
-                        raise BadRowError(message) from e
-                    report.skipped += 1
-                    report.reasons.append(message)
-                index += 1
+        for index, (where, row) in enumerate(rows):
+            report.rows += 1
+            try:
+                if isinstance(row, RowProblem):  # a line that is no row at all
+                    raise row
+                items.append(parse(row, root, index))
+                report.loaded += 1
+            except RowProblem as e:
+                message = f"{path} {where}: {e}"
+                if on_bad_row == "raise":
+                    raise BadRowError(message) from e
+                report.skipped += 1
+                report.reasons.append(message)
     return items, report
 
 
@@ -203,9 +226,9 @@ def _example_parser(path: str, columns: set[str]) -> RowParser[Example]:
 def load_examples(
     paths: str | Sequence[str], image_root: str | None = None, on_bad_row: str = "raise"
 ) -> tuple[list[Example], LoadReport]:
-    """Load examples from one or more parquet files.
+    """Load examples from one or more parquet, JSON Lines or JSON files.
 
-    Relative image paths resolve against `image_root`, else the parquet file's directory.
+    Relative image paths resolve against `image_root`, else the file's directory.
     With ``on_bad_row="raise"`` a bad row raises `BadRowError`; with ``"skip"`` it is skipped and
     its message recorded in the report. An unknown column layout is always a ValueError.
     """
