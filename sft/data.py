@@ -89,7 +89,10 @@ def _sft_parser(path: str, columns: set[str]) -> RowParser[SFTPair]:
 
 
 def load_sft_pairs(
-    paths: str | Sequence[str], image_root: str | None = None, on_bad_row: str = "raise"
+    paths: str | Sequence[str],
+    image_root: str | None = None,
+    on_bad_row: str = "raise",
+    progress: bool = False,
 ) -> tuple[list[SFTPair], LoadReport]:
     """Load SFT pairs from one or more parquet, JSON Lines or JSON files.
 
@@ -97,4 +100,4 @@ def load_sft_pairs(
     (malformed response, unreadable media, empty side) raises `BadRowError` naming file and row with
     ``on_bad_row="raise"``, or is skipped and counted with ``"skip"``. Missing columns: ValueError.
     """
-    return load_rows(paths, _sft_parser, image_root, on_bad_row)
+    return load_rows(paths, _sft_parser, image_root, on_bad_row, progress)

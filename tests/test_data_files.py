@@ -155,3 +155,39 @@ def test_sft_rows_load_from_jsonl(sft_dir, tmp_path):
     assert [(p.query.text, p.query_response) for p in got] == [
         (p.query.text, p.query_response) for p in want[:4]
     ]
+
+
+def test_data_check_cli_reports_rows_media_lengths_and_bad_rows(rows, tiny_model_dir, tmp_path, capsys):
+    from ume_r1.data_check import main
+
+    good = write_rows(rows, tmp_path / "good", "parquet")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps(_jsonable(rows[0])) + "\n{cut short\n" + json.dumps({"query": 3, "positive": {}}) + "\n"
+    )
+    (tmp_path / "x.csv").write_text("query,positive\n")
+    assert main(["check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert f"{good}: 6 rows, 6 loaded, 0 bad; 18 sides," in out and "prompt chars: p50=" in out
+
+    assert (
+        main(
+            ["check", str(good), str(bad), str(tmp_path / "x.csv"), "--model", tiny_model_dir, "--limit", "1"]
+        )
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert f"{bad}: 3 rows, 1 loaded, 2 bad;" in out and "prompt tokens: p50=" in out
+    assert f"  bad: {bad} line 2: not valid JSON" in out and "... and 1 more bad rows (--limit)" in out
+    assert f"{tmp_path / 'x.csv'}: ERROR" in out and "unknown extension" in out
+
+
+def test_data_check_runs_as_a_module(sft_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ume_r1.data", "check", sft_dir["train"]], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "32 rows, 32 loaded, 0 bad" in result.stdout and "response chars: p50=" in result.stdout

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from PIL import Image
+from tqdm import tqdm
 
 from ume_r1.data_files import RowProblem, open_rows
 
@@ -177,6 +178,7 @@ def load_rows(
     pick_parser: Callable[[str, set[str]], RowParser[T]],
     image_root: str | None = None,
     on_bad_row: str = "raise",
+    progress: bool = False,
 ) -> tuple[list[T], LoadReport]:
     """Parse every row of one or more row files (parquet, JSON Lines, JSON) with the parser
     `pick_parser(path, columns)` returns.
@@ -185,7 +187,7 @@ def load_rows(
     raises ValueError for a column layout it does not know. Relative image paths resolve against
     `image_root`, else the file's directory. With ``on_bad_row="raise"`` a bad row raises
     `BadRowError` naming file and row (or line); with ``"skip"`` it is skipped and its message
-    recorded. A file that cannot be read at all raises `DataFileError`.
+    recorded. A file that cannot be read at all raises `DataFileError`. `progress`: a bar per file.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
@@ -196,7 +198,7 @@ def load_rows(
         rows = open_rows(path)
         parse = pick_parser(path, rows.columns)
         root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-        for index, (where, row) in enumerate(rows):
+        for index, (where, row) in enumerate(tqdm(rows, desc=path, unit="row", disable=not progress)):
             report.rows += 1
             try:
                 if isinstance(row, RowProblem):  # a line that is no row at all
@@ -224,7 +226,10 @@ def _example_parser(path: str, columns: set[str]) -> RowParser[Example]:
 
 
 def load_examples(
-    paths: str | Sequence[str], image_root: str | None = None, on_bad_row: str = "raise"
+    paths: str | Sequence[str],
+    image_root: str | None = None,
+    on_bad_row: str = "raise",
+    progress: bool = False,
 ) -> tuple[list[Example], LoadReport]:
     """Load examples from one or more parquet, JSON Lines or JSON files.
 
@@ -232,4 +237,12 @@ def load_examples(
     With ``on_bad_row="raise"`` a bad row raises `BadRowError`; with ``"skip"`` it is skipped and
     its message recorded in the report. An unknown column layout is always a ValueError.
     """
-    return load_rows(paths, _example_parser, image_root, on_bad_row)
+    return load_rows(paths, _example_parser, image_root, on_bad_row, progress)
+
+
+if __name__ == "__main__":  # python -m ume_r1.data check FILES...
+    import sys
+
+    from ume_r1.data_check import main
+
+    sys.exit(main())
