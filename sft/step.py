@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sft.data import SFTPair
 from sft.losses import info_nce, token_nll
 from ume_r1.batch import media_inputs, pack_sequences
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.processor import EncodedPrompt, UMEProcessor
+from ume_r1.sft_data import SFTPair
 
 
 @dataclass

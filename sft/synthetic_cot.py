@@ -8,7 +8,7 @@ summary, so a generative embedding read after the summary can learn to match the
 * vqa: image + question -> the answer ("red"); answer text "red" -> "red".
 * retrieval: caption "a blue square" -> "a blue square"; image -> "a blue square".
 
-Files use the layout read by `sft.data.load_sft_pairs`.
+Files use the layout read by `ume_r1.sft_data.load_sft_pairs`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sft.data import SFT_SCHEMA
+from ume_r1.sft_data import SFT_SCHEMA
 from ume_r1.synthetic import (
     COLOUR_QUESTION,
     TASKS,

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import get_cosine_schedule_with_warmup
 
-from sft.data import SFTPair, load_sft_pairs
 from sft.step import encode_pairs, sft_step
 from ume_r1.checkpoint import (
     SHARDS,
@@ -38,6 +37,7 @@ from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_devi
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import UMEProcessor
+from ume_r1.sft_data import SFTPair, load_sft_pairs
 
 
 def batch_order(num_pairs: int, global_batch: int, seed: int, shuffle: bool) -> BatchOrder:

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sft.data import load_sft_pairs
 from ume_r1.data import BadRowError, load_examples
 from ume_r1.data_files import DataFileError
+from ume_r1.sft_data import load_sft_pairs
 
 FORMATS = ["parquet", "jsonl", "json"]
 

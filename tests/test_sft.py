@@ -13,7 +13,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
-from sft.data import load_sft_pairs
 from sft.losses import info_nce, token_nll
 from sft.step import encode_pairs, sft_step
 from sft.synthetic_cot import make_synthetic_sft
@@ -21,6 +20,7 @@ from ume_r1.fsdp import shard
 from ume_r1.model import load_model
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.processor import UMEProcessor
+from ume_r1.sft_data import load_sft_pairs
 
 
 def reference_info_nce(q: list[list[float]], t: list[list[float]], tau: float) -> float:

@@ -1,4 +1,4 @@
-"""Tests for the SFT row format (sft.data) and the synthetic CoT SFT set (sft.synthetic_cot)."""
+"""Tests for the SFT row format (ume_r1.sft_data) and the synthetic CoT SFT set (sft.synthetic_cot)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sft.data import SFT_SCHEMA, SFTPair, load_sft_pairs
 from sft.synthetic_cot import make_synthetic_sft
 from ume_r1.data import BadRowError
+from ume_r1.sft_data import SFT_SCHEMA, SFTPair, load_sft_pairs
 from ume_r1.synthetic import TASKS
 from ume_r1.template import format_ok
 

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ume_r1.data import Side, load_examples
-from ume_r1.data_files import DataFileError
+from ume_r1.data_files import DataFileError, open_rows
+from ume_r1.sft_data import load_sft_pairs
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -32,12 +33,7 @@ def percentiles(values: list[int]) -> str:
 
 def check_file(path: str, kind: str, args: argparse.Namespace, processor) -> bool:
     """Print one file's summary and bad rows; returns whether it is clean."""
-    if kind == "sft":
-        from sft.data import load_sft_pairs
-
-        load = load_sft_pairs
-    else:
-        load = load_examples
+    load = load_sft_pairs if kind == "sft" else load_examples
     try:
         items, report = load(path, args.image_root, "skip", progress=True)
     except (DataFileError, ValueError) as e:  # the file as a whole: unreadable, unknown layout
@@ -80,8 +76,6 @@ def _length(side: Side, processor) -> int:
 
 def _kind(path: str) -> str:
     """`sft` for SFT rows (they carry responses), else `rl`, judged from the file's columns."""
-    from ume_r1.data_files import open_rows
-
     return "sft" if "query_response" in open_rows(path).columns else "rl"
 
 

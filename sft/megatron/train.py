@@ -27,7 +27,6 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from omegaconf import DictConfig, OmegaConf
 
-from sft.data import load_sft_pairs
 from sft.losses import info_nce, token_nll
 from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
 from sft.megatron.convert import tp_merge
@@ -39,6 +38,7 @@ from ume_r1.data_order import BatchOrder
 from ume_r1.model import load_image_processor, load_model, resolve_dtype, write_hf_checkpoint
 from ume_r1.policy import disc_embeddings, gen_emb_positions, hidden_at
 from ume_r1.processor import UMEProcessor
+from ume_r1.sft_data import load_sft_pairs
 from ume_r1.template import DISC_EMB, GEN_EMB
 
 DEFAULTS = {"megatron": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}}
