@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from sft.losses import info_nce, token_nll
 from ume_r1.batch import media_inputs, pack_sequences
+from ume_r1.data_files import TooLong
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.processor import EncodedPrompt, UMEProcessor
 from ume_r1.sft_data import SFTPair
@@ -37,14 +38,64 @@ class EncodedPairs:
     def assistant_tokens(self) -> int:
         return sum(len(r) for r in self.responses)
 
+    @classmethod
+    def concat(cls, parts: Sequence[EncodedPairs]) -> EncodedPairs:
+        """Pairs encoded one by one (`encode_pair`) as one batch: all queries, then all positives."""
+        halves = [(p.prompts[: p.num_pairs], p.responses[: p.num_pairs]) for p in parts] + [
+            (p.prompts[p.num_pairs :], p.responses[p.num_pairs :]) for p in parts
+        ]
+        return cls([x for prompts, _ in halves for x in prompts], [x for _, rs in halves for x in rs])
+
+
+def _fit_reasoning(response: str, budget: int, tokenizer) -> list[int] | None:
+    """`response`'s tokens with the end of its <think> text cut until at most `budget` are left (the
+    answer and <gen_emb>, what the embedding needs, stay whole); None when even no reasoning is too long."""
+    head, sep, rest = response.partition("<think>")
+    reasoning, close, tail = rest.partition("</think>")
+    reasoning_ids = tokenizer(reasoning, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    over = len(ids) - budget
+    while over > 0 and reasoning_ids and sep and close:
+        reasoning_ids = reasoning_ids[: max(0, len(reasoning_ids) - over)]
+        cut = f"{head}{sep}{tokenizer.decode(reasoning_ids)}{close}{tail}"
+        ids = tokenizer(cut, add_special_tokens=False)["input_ids"]
+        over = len(ids) - budget
+    return ids if over <= 0 else None
+
+
+def encode_pair(
+    pair: SFTPair, processor: UMEProcessor, max_length: int, truncate: bool = False
+) -> tuple[EncodedPairs, bool]:
+    """One pair as model inputs (media decoded here), each side's prompt + response within
+    `max_length` tokens. Over it: `TooLong`, or with `truncate` the side's reasoning is cut (then its
+    prompt text); returns whether anything was cut."""
+    tokenize = processor.tokenizer
+    prompts, responses, cut = [], [], False
+    for name, side, response in (
+        ("query", pair.query, pair.query_response),
+        ("positive", pair.positive, pair.positive_response),
+    ):
+        prompt = processor.encode(side, truncate)
+        ids = tokenize(response, add_special_tokens=False)["input_ids"]
+        budget = max_length - len(prompt.input_ids)
+        if len(ids) > budget:
+            fitted = _fit_reasoning(response, budget, tokenize) if truncate else None
+            if fitted is None:
+                raise TooLong(
+                    f"{name}: prompt {len(prompt.input_ids)} + response {len(ids)} tokens, over "
+                    f"data.max_length={max_length}{' even with its reasoning cut' if truncate else ''}"
+                )
+            ids, cut = fitted, True
+        prompts.append(prompt)
+        responses.append(ids)
+        cut = cut or prompt.truncated
+    return EncodedPairs(prompts, responses), cut
+
 
 def encode_pairs(pairs: Sequence[SFTPair], processor: UMEProcessor) -> EncodedPairs:
-    tokenize = processor.tokenizer
-    sides = [(p.query, p.query_response) for p in pairs] + [(p.positive, p.positive_response) for p in pairs]
-    return EncodedPairs(
-        prompts=[processor.encode(side) for side, _ in sides],
-        responses=[tokenize(text, add_special_tokens=False)["input_ids"] for _, text in sides],
-    )
+    """Pairs encoded here and now, within the processor's length limit (evaluation and tests; training
+    encodes in data workers, `ume_r1.row_batches`)."""
+    return EncodedPairs.concat([encode_pair(p, processor, processor.max_prompt_length)[0] for p in pairs])
 
 
 def global_token_share(local_tokens: int, device: torch.device) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -18,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import get_cosine_schedule_with_warmup
 
-from sft.step import encode_pairs, sft_step
+from sft.step import EncodedPairs, encode_pair, sft_step
 from ume_r1.checkpoint import (
     SHARDS,
     CheckpointDir,
@@ -32,11 +34,13 @@ from ume_r1.data_order import BatchOrder
 from ume_r1.embed import Embedder
 from ume_r1.fsdp import clip_and_step, init_distributed, save_hf_checkpoint, shard_from_rank0
 from ume_r1.logger import keep_metrics
+from ume_r1.media import MediaLimits
 from ume_r1.metrics import chance_level, hit_at_1, mean
 from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import UMEProcessor
+from ume_r1.row_batches import BadRowCounts, EncodedRows, gathered, row_batches
 from ume_r1.sft_data import SFTPair, load_sft_pairs
 
 
@@ -93,7 +97,7 @@ def train(cfg: DictConfig) -> dict:
             f"data: skipped {report.skipped} of {report.rows} rows (data.on_bad_row=skip): "
             f"{report.reasons[0]}"
         )
-    processor = UMEProcessor.from_pretrained(cfg.model.path, cfg.data.max_length, cfg.data.max_pixels)
+    processor = sft_processor(cfg.model.path, cfg)
 
     # Only rank 0 reads the checkpoint; shard_from_rank0 gives the other ranks their shards.
     model, tokenizer = load_model(cfg.model.path, "cpu", torch.float32, weights=rank == 0)
@@ -117,12 +121,32 @@ def train(cfg: DictConfig) -> dict:
     order = batch_order(len(pairs), tc.global_batch_size, cfg.data.seed, cfg.data.shuffle)
     checkpoints = CheckpointDir(out_dir, tc.max_ckpt_to_keep)
     resume = resume_checkpoint(tc.resume_mode, out_dir, tc.resume_from_path)
-    first, skipped = 1, 0
+    first, skipped, bad_rows = 1, 0, BadRowCounts()
     if resume is not None:
         state = restore_all_ranks(
             resume, lambda path: load_sharded(path / SHARDS, policy, optimizer), scheduler, order
         )
-        first, skipped = state["step"] + 1, state["skipped_steps"]
+        first, skipped, bad_rows = (
+            state["step"] + 1,
+            state["skipped_steps"],
+            BadRowCounts(**state.get("bad_rows", {})),
+        )
+    encode = partial(
+        encode_pair,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        truncate=cfg.data.truncation == "truncate",
+    )
+    rows = EncodedRows(pairs, encode, cfg.data.on_bad_row, cfg.data.truncation, cfg.data.seed)
+    batches = row_batches(
+        rows,
+        order,
+        tc.total_steps - first + 1,
+        cfg.data.dataloader_num_workers,
+        cfg.data.prefetch_factor,
+        rank,
+        world,
+    )
     log = None
     if rank == 0:
         checkpoints.discard_partial()
@@ -141,6 +165,7 @@ def train(cfg: DictConfig) -> dict:
             "data": order.state_dict(),
             "scheduler": scheduler.state_dict(),
             "skipped_steps": skipped,
+            "bad_rows": asdict(bad_rows),
             "model_path": str(cfg.model.path),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
@@ -149,8 +174,13 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     policy.train()
     for step in range(first, tc.total_steps + 1):
-        global_batch = next(order)
-        encoded = encode_pairs([pairs[i] for i in global_batch[rank::world]], processor)
+        waited = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - waited
+        if batch.indices != next(order)[rank::world]:
+            raise RuntimeError(f"step {step}: the data loader is out of step with the batch order")
+        counts = bad_rows.add(gathered(batch), print if rank == 0 else lambda _: None)
+        encoded = EncodedPairs.concat(batch.rows)
         optimizer.zero_grad(set_to_none=True)
         parts = sft_step(policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_size)
         grad_norm, stepped = clip_and_step(params, optimizer, tc.grad_clip)
@@ -163,6 +193,8 @@ def train(cfg: DictConfig) -> dict:
                 "grad_norm": grad_norm,
                 "skipped_steps": skipped,  # optimizer steps left out so far: non-finite gradient norm
                 "lr": scheduler.get_last_lr()[0],
+                **counts,
+                "timing_s/data_wait": waited,  # > 0 only when the data workers fall behind
                 "elapsed_s": time.perf_counter() - start,
             }
             log.write(json.dumps(row) + "\n")
@@ -185,11 +217,18 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+def sft_processor(path: str, cfg: DictConfig) -> UMEProcessor:
+    """SFT rows' processor: a prompt alone may fill `data.max_length` (the bound of prompt + response)."""
+    return UMEProcessor.from_pretrained(
+        path, cfg.data.max_length, cfg.data.max_pixels, MediaLimits.from_config(cfg.data)
+    )
+
+
 def evaluate_checkpoint(path: str, cfg: DictConfig) -> dict[str, float]:
     """Reloads the saved checkpoint (what the GRPO stage will see) and evaluates it."""
     device = resolve_device(cfg.train.device)
     model, _ = load_model(path, device, resolve_dtype(cfg.train.dtype, device))
-    processor = UMEProcessor.from_pretrained(path, cfg.data.max_length, cfg.data.max_pixels)
+    processor = sft_processor(path, cfg)
     pairs, _ = load_sft_pairs(cfg.data.test_files, cfg.data.image_root, cfg.data.on_bad_row)
     embedder = Embedder(model, processor, device, cfg.eval.batch_size, cfg.eval.max_new_tokens)
     return evaluate(embedder, pairs[: cfg.eval.max_queries], processor)

@@ -20,7 +20,8 @@ from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGene
 
 from ume_r1.batch import media_inputs, mm_token_type_ids, pack_sequences
 from ume_r1.data import Example, Side
-from ume_r1.grouping import StepPrompts, plan_prompts
+from ume_r1.data_files import TooLong
+from ume_r1.grouping import StepPrompts, encode_example, plan_prompts
 from ume_r1.model import _train_tiny_tokenizer, add_ume_tokens, build_tiny_model, load_model
 from ume_r1.policy import EmbeddingPolicy, gen_emb_positions
 from ume_r1.processor import UMEProcessor
@@ -240,7 +241,7 @@ def test_encode_text_side_has_no_pixels(processor: UMEProcessor) -> None:
 
 def test_encode_too_long_prompt_raises(processor: UMEProcessor) -> None:
     short = UMEProcessor(processor.tokenizer, processor.image_processor, max_prompt_length=10)
-    with pytest.raises(ValueError, match=r"data\.max_prompt_length"):
+    with pytest.raises(TooLong, match=r"data\.max_prompt_length"):
         short.encode(Side("hello"))
 
 
@@ -396,7 +397,7 @@ def test_plan_prompts_relations(processor: UMEProcessor) -> None:
         Example(Side("q1"), Side("target A"), [Side("target C")], "t", 1),
         Example(Side("q2"), Side("target B"), [], "t", 2),
     ]
-    plan = plan_prompts(examples, processor.encode)
+    plan = plan_prompts([encode_example(e, processor)[0] for e in examples])
     # q0=0, A=1, B=2, q1=3, C=4, q2=5: A shared by q0 and q1 is generated once.
     assert plan.roles == ["query", "target", "target", "query", "target", "query"]
     assert plan.query_of_example == [0, 3, 5]
@@ -420,7 +421,7 @@ def test_plan_prompts_relations(processor: UMEProcessor) -> None:
 
 def test_plan_prompts_drops_negative_equal_to_positive(processor: UMEProcessor) -> None:
     examples = [Example(Side("q"), Side("same"), [Side("same"), Side("other"), Side("other")], "t", 0)]
-    plan = plan_prompts(examples, processor.encode)
+    plan = plan_prompts([encode_example(e, processor)[0] for e in examples])
     assert plan.roles == ["query", "target", "target"]
     assert plan.positives[0] == [1] and plan.negatives[0] == [2] and plan.in_batch_negatives[0] == []
 
@@ -465,7 +466,7 @@ def test_synthetic_fixture_loads(synthetic_dir: dict[str, str], processor: UMEPr
 
     examples, report = load_examples(synthetic_dir["train"])
     assert report.loaded == 48 and len(examples) == 48
-    plan = plan_prompts(examples[:6], processor.encode)
+    plan = plan_prompts([encode_example(e, processor)[0] for e in examples[:6]])
     assert plan.roles.count("query") == 6
     for prompt, role in zip(plan.prompts, plan.roles, strict=True):
         assert processor.disc_emb_id in prompt.input_ids, role

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ume_r1.data import BadRowError, load_examples
+from ume_r1.media import ImageRef, MediaLimits, decode_image
 from ume_r1.synthetic import SCHEMA, TASKS, make_synthetic
 
 
@@ -42,7 +43,9 @@ def test_synthetic_rows_load_back(tmp_path: Path) -> None:
         sides = [e.query, e.positive, *e.negatives]
         images = [img for s in sides for img in s.images]
         assert images, "every task has an image on some side"
-        for img in images:
+        for ref in images:
+            assert isinstance(ref, ImageRef)  # loading keeps references; pixels are decoded per batch
+            img = decode_image(ref, MediaLimits())
             assert img.mode == "RGB" and img.size == (40, 40)
         if e.task == "retrieval":
             assert e.query.text and not e.query.images
@@ -96,10 +99,12 @@ def test_mmeb_rows_load(tmp_path: Path) -> None:
     first, second = examples
     assert first.task == "mmeb" and first.row == 0
     assert first.query.text == "Represent the given image."
-    assert first.query.images[0].mode == "RGB" and first.query.images[0].size == (8, 6)
+    query_image = decode_image(first.query.images[0], MediaLimits())
+    assert query_image.mode == "RGB" and query_image.size == (8, 6)
     assert first.positive.text == "a cat" and first.positive.images == []
     assert first.negatives == []
-    assert second.negatives[0].text == "a dog" and second.negatives[0].images[0].mode == "RGB"
+    assert second.negatives[0].text == "a dog"
+    assert decode_image(second.negatives[0].images[0], MediaLimits()).mode == "RGB"  # from L
 
 
 def test_mmeb_without_negative_columns_and_image_root(tmp_path: Path) -> None:
@@ -123,32 +128,23 @@ def test_missing_image_raises_naming_file_and_row(tmp_path: Path) -> None:
 
 def test_skip_counts_bad_rows(tmp_path: Path) -> None:
     _png(tmp_path / "imgs" / "q.png")
-    (tmp_path / "imgs" / "bad.png").write_bytes(b"not a png at all")
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not a png at all")  # found when decoded: test_row_batches
     rows = [
         _mmeb_row(),
         _mmeb_row(qry_image_path="imgs/missing.png"),
         _mmeb_row(neg_image_path="imgs/bad.png"),
         _mmeb_row(pos_text=""),
+        _mmeb_row(pos_image_path="imgs"),
     ]
     path = _mmeb(tmp_path / "train.parquet", rows)
     examples, report = load_examples(path, on_bad_row="skip")
-    assert [e.row for e in examples] == [0]
-    assert (report.rows, report.loaded, report.skipped) == (4, 1, 3)
+    assert [e.row for e in examples] == [0, 2]
+    assert examples[1].where == f"{path} row 2"
+    assert (report.rows, report.loaded, report.skipped) == (5, 2, 3)
     assert "row 1" in report.reasons[0] and "missing.png" in report.reasons[0]
-    assert (
-        "row 2" in report.reasons[1] and "bad.png" in report.reasons[1] and "unreadable" in report.reasons[1]
-    )
-    assert "row 3" in report.reasons[2] and "positive side is empty" in report.reasons[2]
-
-
-def test_corrupt_image_bytes_raise(tmp_path: Path) -> None:
-    paths = make_synthetic(str(tmp_path), n_train=3, n_test=0)
-    table = pq.read_table(paths["train"]).to_pylist()
-    table[2]["positive"]["images"][0]["bytes"] = b"\x89PNG garbage"
-    broken = tmp_path / "broken.parquet"
-    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), broken)
-    with pytest.raises(BadRowError, match=r"broken\.parquet row 2: positive image 0 .* unreadable"):
-        load_examples(str(broken))
+    assert "row 3" in report.reasons[1] and "positive side is empty" in report.reasons[1]
+    assert "row 4" in report.reasons[2] and "'imgs'" in report.reasons[2]
+    assert "is a directory, not an image file" in report.reasons[2]
 
 
 def test_native_empty_side_and_path_images(tmp_path: Path) -> None:

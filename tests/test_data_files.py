@@ -13,6 +13,7 @@ import pytest
 
 from ume_r1.data import BadRowError, load_examples
 from ume_r1.data_files import DataFileError
+from ume_r1.media import MediaLimits, decode_image
 from ume_r1.sft_data import load_sft_pairs
 
 FORMATS = ["parquet", "jsonl", "json"]
@@ -57,8 +58,9 @@ def test_every_format_loads_the_same_examples(rows, tmp_path, fmt):
             b.task,
             b.row,
         )
-        assert [i.tobytes() for i in a.query.images] == [i.tobytes() for i in b.query.images]
-        assert [i.tobytes() for i in a.positive.images] == [i.tobytes() for i in b.positive.images]
+        for side_a, side_b in ((a.query, b.query), (a.positive, b.positive)):
+            pixels = [decode_image(i, MediaLimits()).tobytes() for i in side_a.images]
+            assert pixels == [decode_image(i, MediaLimits()).tobytes() for i in side_b.images]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -135,12 +137,12 @@ def test_missing_columns_and_media_faults_are_named(rows, tmp_path, fmt):
     (tmp_path / "a_dir.png").mkdir()
     bad = [dict(r) for r in rows]
     bad[1]["query"] = {"text": "x", "images": [{"bytes": None, "path": "a_dir.png"}], "video": []}
-    bad[3]["positive"] = {"text": "y", "images": [{"bytes": b"not an image", "path": None}], "video": []}
+    bad[3]["positive"] = {"text": "y", "images": [{"bytes": None, "path": None}], "video": []}
     path = write_rows(bad, tmp_path / "rows", fmt)
-    with pytest.raises(BadRowError, match="query image file 'a_dir.png'.* is unreadable"):
+    with pytest.raises(BadRowError, match="query image 0 'a_dir.png'.* is a directory, not an image file"):
         load_examples(str(path))
     _, report = load_examples(str(path), on_bad_row="skip")
-    assert report.skipped == 2 and "positive image 0 (12 bytes) is unreadable" in report.reasons[1]
+    assert report.skipped == 2 and "positive image 0 has neither bytes nor path" in report.reasons[1]
     if fmt != "parquet":
         bad[3]["positive"]["images"][0]["bytes"] = "@@ not base64 @@"
         with pytest.raises(BadRowError, match="positive image 0 bytes are a string but not base64"):

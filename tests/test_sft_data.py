@@ -14,6 +14,7 @@ import pytest
 
 from sft.synthetic_cot import make_synthetic_sft
 from ume_r1.data import BadRowError
+from ume_r1.media import MediaLimits, decode_image
 from ume_r1.sft_data import SFT_SCHEMA, SFTPair, load_sft_pairs
 from ume_r1.synthetic import TASKS
 from ume_r1.template import format_ok
@@ -83,8 +84,8 @@ def test_synthetic_sft_loads_back(sft_paths: dict[str, str]) -> None:
     for p in pairs:
         image_side = p.positive if p.task == "retrieval" else p.query
         text_side = p.query if p.task == "retrieval" else p.positive
-        assert len(image_side.images) == 1 and image_side.images[0].size == (40, 40)
-        assert image_side.images[0].mode == "RGB"
+        image = decode_image(image_side.images[0], MediaLimits())
+        assert len(image_side.images) == 1 and image.size == (40, 40) and image.mode == "RGB"
         assert text_side.text and not text_side.images
         assert format_ok(p.query_response) and format_ok(p.positive_response)
 
@@ -129,20 +130,20 @@ def test_bad_response_raises_naming_file_and_row(
         load_sft_pairs(path)
 
 
-def test_unreadable_media_and_empty_side(sft_paths: dict[str, str], tmp_path: Path) -> None:
+def test_missing_media_and_empty_side(sft_paths: dict[str, str], tmp_path: Path) -> None:
     rows = _rows(sft_paths["test"])[:6]
-    image_row = next(i for i, r in enumerate(rows) if r["query"]["images"])
-    rows[image_row]["query"]["images"][0]["bytes"] = b"not a png"
     retrieval_row = next(i for i, r in enumerate(rows) if r["task"] == "retrieval")
     rows[retrieval_row]["positive"]["images"] = [{"bytes": None, "path": "imgs/missing.png"}]
     rows[5]["query"] = {"text": "", "images": [], "video": []}
     path = _write(tmp_path / "bad.parquet", rows)
-    with pytest.raises(BadRowError, match=rf"{re.escape(path)} row {image_row}: query image 0 .*unreadable"):
+    with pytest.raises(
+        BadRowError, match=rf"{re.escape(path)} row {retrieval_row}: positive image 0 .*not found"
+    ):
         load_sft_pairs(path)
 
     pairs, report = load_sft_pairs(path, on_bad_row="skip")
-    bad = sorted({image_row, retrieval_row, 5})
-    assert (report.rows, report.loaded, report.skipped) == (6, 3, 3)
+    bad = sorted({retrieval_row, 5})
+    assert (report.rows, report.loaded, report.skipped) == (6, 4, 2)
     assert sorted(set(range(6)) - {p.row for p in pairs}) == bad
     reasons = dict(zip(bad, report.reasons, strict=True))  # reasons come in row order
     assert "imgs/missing.png" in reasons[retrieval_row] and "not found" in reasons[retrieval_row]

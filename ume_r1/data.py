@@ -9,24 +9,23 @@ Two row layouts are detected from the columns:
 * MMEB-train: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` and optionally
   ``neg_text``, ``neg_image_path``.
 
-Images are decoded to RGB here so that a bad file fails in the loader, naming its row.
+Loading keeps media as references (`ume_r1.media`) and checks only what is cheap: a row's pixels are
+decoded when its batch is encoded (`ume_r1.row_batches`), so a data set of any size loads in memory
+proportional to its rows' text.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from PIL import Image
 from tqdm import tqdm
 
 from ume_r1.data_files import RowProblem, open_rows
+from ume_r1.media import Media, Video, image_ref, image_refs, video_ref
 
 ON_BAD_ROW = ("raise", "skip")
 NATIVE_COLUMNS = {"query", "positive"}
@@ -41,8 +40,8 @@ class Side:
     """One side of a pair: the query, the positive target, or a negative target."""
 
     text: str
-    images: list[Image.Image] = field(default_factory=list)
-    video: list[Image.Image] | None = None  # frames, in order
+    images: list[Media] = field(default_factory=list)  # decoded, or references decoded per batch
+    video: Video | None = None  # frames in order, or a video file
 
     def is_empty(self) -> bool:
         return not self.text and not self.images and not self.video
@@ -57,6 +56,7 @@ class Example:
     negatives: list[Side]
     task: str
     row: int  # row index in its source file
+    where: str = ""  # "file line N" / "file row N", for errors found after loading
 
 
 @dataclass
@@ -73,51 +73,6 @@ class BadRowError(ValueError):
     """A row that cannot be loaded; the message names the file, the row and the key or file at fault."""
 
 
-def _open_image(source: str | bytes, what: str, shown: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            img.load()
-            return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise RowProblem(f"{what} {shown} not found") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise RowProblem(f"{what} {shown} is unreadable: {e}") from e
-
-
-def _load_media(entries: list[dict[str, Any]] | None, root: str, what: str) -> list[Image.Image]:
-    if entries is not None and not isinstance(entries, list):
-        raise RowProblem(f"{what}s should be a list, found {type(entries).__name__}")
-    frames = []
-    for k, entry in enumerate(entries or []):
-        if entry is not None and not isinstance(entry, dict):
-            raise RowProblem(
-                f"{what} {k} should be an object with bytes or path, found {type(entry).__name__}"
-            )
-        data, path = (entry or {}).get("bytes"), (entry or {}).get("path")
-        if isinstance(data, str):  # JSON files carry image bytes as base64
-            data = _base64(data, f"{what} {k}")
-        if data:
-            frames.append(_open_image(bytes(data), f"{what} {k}", f"({len(data)} bytes)"))
-        elif path:
-            frames.append(_open_image_path(path, root, f"{what} file"))
-        else:
-            raise RowProblem(f"{what} {k} has neither bytes nor path")
-    return frames
-
-
-def _base64(text: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except binascii.Error as e:
-        raise RowProblem(f"{what} bytes are a string but not base64 ({e})") from e
-
-
-def _open_image_path(path: str, root: str, what: str) -> Image.Image:
-    full = path if os.path.isabs(path) else os.path.join(root, path)
-    shown = f"'{path}'" if full == path else f"'{path}' (resolved to '{full}')"
-    return _open_image(full, what, shown)
-
-
 def _checked(side: Side, name: str) -> Side:
     if side.is_empty():
         raise RowProblem(f"{name} side is empty (no text, images or video)")
@@ -131,11 +86,10 @@ def native_side(value: dict[str, Any] | None, root: str, name: str) -> Side:
         raise RowProblem(f"{name} should be an object with text, images, video; found {type(value).__name__}")
     if not isinstance(value.get("text") or "", str):
         raise RowProblem(f"{name} text should be a string, found {type(value['text']).__name__}")
-    video = _load_media(value.get("video"), root, f"{name} video frame")
     side = Side(
         text=value.get("text") or "",
-        images=_load_media(value.get("images"), root, f"{name} image"),
-        video=video or None,
+        images=image_refs(value.get("images"), root, f"{name} image"),
+        video=video_ref(value.get("video"), root, f"{name} video"),
     )
     return _checked(side, name)
 
@@ -157,7 +111,7 @@ def _mmeb_side(text: str | None, image_path: str | None, root: str, name: str) -
     for key, value in (("text", text), ("image path", image_path)):
         if value is not None and not isinstance(value, str):
             raise RowProblem(f"{name} {key} should be a string, found {type(value).__name__}")
-    images = [_open_image_path(image_path, root, f"{name} image file")] if image_path else []
+    images = [image_ref(image_path, root, f"{name} image file")] if image_path else []
     return _checked(Side(text=_PLACEHOLDER_RE.sub("", text or "").strip(), images=images), name)
 
 
@@ -203,7 +157,9 @@ def load_rows(
             try:
                 if isinstance(row, RowProblem):  # a line that is no row at all
                     raise row
-                items.append(parse(row, root, index))
+                item = parse(row, root, index)
+                item.where = f"{path} {where}"
+                items.append(item)
                 report.loaded += 1
             except RowProblem as e:
                 message = f"{path} {where}: {e}"

@@ -1,9 +1,10 @@
 """`python -m ume_r1.data check FILES...`: read data files as training would, and report what is in
 them and every bad row, before hours of compute depend on them.
 
-Per file: rows, loaded and bad rows, images and video frames, and length percentiles. Lengths are
+Per file: rows, loaded and bad rows, images and videos, and length percentiles. Lengths are
 prompt tokens (and, for SFT rows, response tokens) when `--model` names a checkpoint whose
-processor to use, else characters of text. Exit status 1 when any file or row is bad.
+processor to use, else characters of text; with `--model` every image is decoded too, so media that
+only fail when decoded are found. Exit status 1 when any file or row is bad.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from ume_r1.data import Side, load_examples
-from ume_r1.data_files import DataFileError, open_rows
-from ume_r1.sft_data import load_sft_pairs
+from ume_r1.data_files import DataFileError, RowProblem, TooLong, open_rows
+from ume_r1.sft_data import CONVERSATION_COLUMNS, load_sft_pairs
 
 PERCENTILES = (50, 90, 99, 100)
 
 
 def side_media(side: Side) -> tuple[int, int]:
-    return len(side.images), len(side.video or [])
+    return len(side.images), int(bool(side.video))
 
 
 def percentiles(values: list[int]) -> str:
@@ -39,26 +40,33 @@ def check_file(path: str, kind: str, args: argparse.Namespace, processor) -> boo
     except (DataFileError, ValueError) as e:  # the file as a whole: unreadable, unknown layout
         print(f"{path}: ERROR {e}")
         return False
-    sides = [s for item in items for s in _sides(item, kind)]
-    images, frames = (
+    sides, prompt_lengths, reasons = [], [], list(report.reasons)
+    for item in items:
+        try:
+            lengths = [_length(s, processor) for s in _sides(item, kind)]
+        except RowProblem as e:  # media that fail only when decoded
+            reasons.append(f"{item.where}: {e}")
+            continue
+        sides += _sides(item, kind)
+        prompt_lengths += lengths
+    images, videos = (
         (sum(counts) for counts in zip(*map(side_media, sides), strict=True)) if sides else (0, 0)
     )
     unit = "tokens" if processor is not None else "chars"
-    prompt_lengths = [_length(s, processor) for s in sides]
     print(
-        f"{path}: {report.rows} rows, {report.loaded} loaded, {report.skipped} bad; "
-        f"{len(sides)} sides, {images} images, {frames} video frames"
+        f"{path}: {report.rows} rows, {report.rows - len(reasons)} loaded, {len(reasons)} bad; "
+        f"{len(sides)} sides, {images} images, {videos} videos"
     )
     print(f"  prompt {unit}: {percentiles(prompt_lengths)}")
     if kind == "sft":
         responses = [r for item in items for r in (item.query_response, item.positive_response)]
         count = (lambda r: len(processor.tokenizer(r)["input_ids"])) if processor is not None else len
         print(f"  response {unit}: {percentiles([count(r) for r in responses])}")
-    for reason in report.reasons[: args.limit]:
+    for reason in reasons[: args.limit]:
         print(f"  bad: {reason}")
-    if report.skipped > args.limit:
-        print(f"  ... and {report.skipped - args.limit} more bad rows (--limit)")
-    return report.skipped == 0
+    if len(reasons) > args.limit:
+        print(f"  ... and {len(reasons) - args.limit} more bad rows (--limit)")
+    return not reasons
 
 
 def _sides(item, kind: str) -> list[Side]:
@@ -70,13 +78,14 @@ def _length(side: Side, processor) -> int:
         return len(side.text)
     try:
         return len(processor.encode(side).input_ids)
-    except ValueError:  # over the processor's prompt limit: count it anyway
+    except TooLong:  # over the processor's prompt limit: count it anyway
         return processor.max_prompt_length + 1
 
 
 def _kind(path: str) -> str:
     """`sft` for SFT rows (they carry responses), else `rl`, judged from the file's columns."""
-    return "sft" if "query_response" in open_rows(path).columns else "rl"
+    columns = open_rows(path).columns
+    return "sft" if "query_response" in columns or set(CONVERSATION_COLUMNS) <= columns else "rl"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,11 @@ class RowProblem(Exception):
     """A bad row; the loader adds the file and the row or line to the message."""
 
 
+class TooLong(RowProblem):
+    """A row over a length limit (`data.max_prompt_length`, SFT `data.max_length`); `data.truncation`
+    decides whether it is an error, skipped, or cut to fit."""
+
+
 @dataclass
 class RowFile:
     """A readable row file: its columns (of the first row, for JSON formats) and its rows, each with

@@ -32,6 +32,7 @@ import yaml
 
 from ume_r1.data import BadRowError, RowParser, RowProblem, Side, load_rows, native_side
 from ume_r1.embed import Embedder, Embeddings
+from ume_r1.media import MediaLimits, decode_image, decode_video
 from ume_r1.metrics import METRICS, aggregate, chance_level, instance_score, mean, oracle, pass_at_k_curve
 from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.processor import UMEProcessor
@@ -87,9 +88,11 @@ class SideTable:
 
 
 def side_key(side: Side) -> str:
-    """Content hash of a decoded side: same text and same pixels means the same prompt."""
+    """Content hash of a side: same text and same pixels means the same prompt."""
     h = hashlib.sha1(f"{len(side.text)}:{side.text}".encode())
-    for tag, frames in (("image", side.images), ("video", side.video or [])):
+    limits = MediaLimits()
+    images = [decode_image(image, limits) for image in side.images]
+    for tag, frames in (("image", images), ("video", decode_video(side.video, limits) if side.video else [])):
         for img in frames:
             h.update(f"|{tag}:{img.mode}:{img.size}|".encode())
             h.update(img.tobytes())

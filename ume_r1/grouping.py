@@ -7,11 +7,31 @@ per prompt, which is what the reward sees (ume_r1.reward_api.RewardBatch).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ume_r1.data import Example, Side
-from ume_r1.processor import EncodedPrompt
+from ume_r1.data import Example
+from ume_r1.processor import EncodedPrompt, UMEProcessor
+
+
+@dataclass
+class EncodedExample:
+    """An example's sides as model inputs: what a data worker hands the step."""
+
+    query: EncodedPrompt
+    positive: EncodedPrompt
+    negatives: list[EncodedPrompt]
+
+
+def encode_example(
+    example: Example, processor: UMEProcessor, truncate: bool = False
+) -> tuple[EncodedExample, bool]:
+    """Every side of `example` encoded (media decoded here); whether a prompt was cut to fit
+    `data.max_prompt_length` (`truncate`) or, without `truncate`, `TooLong`."""
+    sides = [example.query, example.positive, *example.negatives]
+    prompts = [processor.encode(side, truncate) for side in sides]
+    cut = any(p.truncated for p in prompts)
+    return EncodedExample(prompts[0], prompts[1], prompts[2:]), cut
 
 
 @dataclass
@@ -32,12 +52,11 @@ class StepPrompts:
         return len(self.prompts) - 1
 
 
-def plan_prompts(examples: Sequence[Example], encode: Callable[[Side], EncodedPrompt]) -> StepPrompts:
+def plan_prompts(examples: Sequence[EncodedExample]) -> StepPrompts:
     plan = StepPrompts()
     target_ids: dict[tuple, int] = {}
 
-    def target(side: Side) -> int:
-        prompt = encode(side)
+    def target(prompt: EncodedPrompt) -> int:
         key = prompt.key()
         if key not in target_ids:
             target_ids[key] = plan._add(prompt, "target")
@@ -45,7 +64,7 @@ def plan_prompts(examples: Sequence[Example], encode: Callable[[Side], EncodedPr
 
     explicit: list[list[int]] = []
     for ex in examples:
-        q = plan._add(encode(ex.query), "query")
+        q = plan._add(ex.query, "query")
         pos = target(ex.positive)
         plan.query_of_example.append(q)
         plan.positive_of_example.append(pos)

@@ -16,8 +16,10 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from ume_r1.data import Side
+from ume_r1.data_files import TooLong
+from ume_r1.media import MediaLimits, decode_image, decode_video
 from ume_r1.model import load_image_processor, load_tokenizer
-from ume_r1.template import DISC_EMB, GEN_EMB, IMAGE_PAD, VIDEO_PAD, chat_prompt
+from ume_r1.template import DISC_EMB, GEN_EMB, IMAGE_PAD, VIDEO_PAD, chat_prompt, user_text
 
 
 @dataclass
@@ -33,6 +35,7 @@ class EncodedPrompt:
     video_grid_thw: torch.Tensor | None = None
     images: list[Image.Image] | None = None
     video: list[Image.Image] | None = None
+    truncated: bool = False  # the side's text was cut to fit max_prompt_length
 
     def key(self) -> tuple:
         """Identity for de-duplication: same tokens and same pixels means the same prompt."""
@@ -44,10 +47,13 @@ class EncodedPrompt:
 
 
 class UMEProcessor:
-    def __init__(self, tokenizer, image_processor, max_prompt_length: int = 4096) -> None:
+    def __init__(
+        self, tokenizer, image_processor, max_prompt_length: int = 4096, limits: MediaLimits | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_prompt_length = max_prompt_length
+        self.limits = limits or MediaLimits()
         vocab = tokenizer.get_vocab()
         self.image_pad_id = vocab[IMAGE_PAD]
         self.video_pad_id = vocab[VIDEO_PAD]
@@ -58,7 +64,11 @@ class UMEProcessor:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, max_prompt_length: int = 4096, max_pixels: int | None = None
+        cls,
+        path: str | os.PathLike,
+        max_prompt_length: int = 4096,
+        max_pixels: int | None = None,
+        limits: MediaLimits | None = None,
     ) -> UMEProcessor:
         tokenizer = load_tokenizer(path)
         for token in (DISC_EMB, GEN_EMB):
@@ -67,26 +77,38 @@ class UMEProcessor:
                     f"tokenizer in '{path}' has no {token} token: it is not a UME model "
                     "(load it with ume_r1.model.load_model, which adds the tokens, and save it)"
                 )
-        return cls(tokenizer, load_image_processor(path, max_pixels), max_prompt_length)
+        return cls(tokenizer, load_image_processor(path, max_pixels), max_prompt_length, limits)
 
-    def encode(self, side: Side) -> EncodedPrompt:
+    def encode(self, side: Side, truncate: bool = False) -> EncodedPrompt:
+        """Model inputs of one side; references to media are decoded here. A prompt over
+        `max_prompt_length` raises `TooLong`, or with `truncate` loses the end of its text to fit (the
+        template and the media stay whole)."""
         prompt = chat_prompt(side.text, num_images=len(side.images), has_video=bool(side.video))
         encoded = EncodedPrompt(input_ids=[])
         if side.images:
-            encoded.images = [self.resized(image) for image in side.images]
+            encoded.images = [self.resized(decode_image(image, self.limits)) for image in side.images]
             feats = self.image_processor(images=encoded.images, return_tensors="pt")
             encoded.pixel_values, encoded.image_grid_thw = feats["pixel_values"], feats["image_grid_thw"]
             prompt = self._expand(prompt, IMAGE_PAD, encoded.image_grid_thw)
         if side.video:
-            size = self.resized(side.video[0]).size
-            encoded.video = [frame.convert("RGB").resize(size, Image.BICUBIC) for frame in side.video]
+            frames = decode_video(side.video, self.limits)
+            size = self.resized(frames[0]).size
+            encoded.video = [frame.resize(size, Image.BICUBIC) for frame in frames]
             encoded.pixel_values_videos, encoded.video_grid_thw = self.video_patches(encoded.video)
             prompt = self._expand(prompt, VIDEO_PAD, encoded.video_grid_thw)
         encoded.input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(encoded.input_ids) > self.max_prompt_length:
-            raise ValueError(
+        over = len(encoded.input_ids) - self.max_prompt_length
+        text_ids = self.tokenizer(side.text, add_special_tokens=False)["input_ids"] if truncate else []
+        while 0 < over < len(text_ids):  # shorter each time: a re-tokenised cut may differ by a token
+            text_ids = text_ids[: len(text_ids) - over]
+            cut = prompt.replace(user_text(side.text), user_text(self.tokenizer.decode(text_ids)), 1)
+            encoded.input_ids = self.tokenizer(cut, add_special_tokens=False)["input_ids"]
+            encoded.truncated, over = True, len(encoded.input_ids) - self.max_prompt_length
+        if over > 0:
+            raise TooLong(
                 f"prompt has {len(encoded.input_ids)} tokens, over data.max_prompt_length="
-                f"{self.max_prompt_length} (text starts {side.text[:60]!r})"
+                f"{self.max_prompt_length}{' even with its text cut' if truncate else ''} "
+                f"(text starts {side.text[:60]!r})"
             )
         return encoded
 

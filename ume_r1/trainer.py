@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -31,14 +33,16 @@ from ume_r1.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from ume_r1.data import Example, load_examples
+from ume_r1.data import load_examples
 from ume_r1.data_order import BatchOrder
-from ume_r1.grouping import StepPrompts, plan_prompts
+from ume_r1.grouping import EncodedExample, StepPrompts, encode_example, plan_prompts
 from ume_r1.local_ray import start_local_ray
 from ume_r1.logger import MetricLogger
+from ume_r1.media import MediaLimits
 from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import EncodedPrompt, UMEProcessor
 from ume_r1.reward_api import RewardBatch, available_rewards
+from ume_r1.row_batches import BadRowCounts, EncodedRows, row_batches
 from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
 from ume_r1.supervision import SupervisedGroup, WorkerFailure
 from workers.hybrid import ActorRolloutRefWorker
@@ -102,7 +106,7 @@ class GRPOTrainer:
                 f"reward.name={cfg.reward.name!r} is unknown; available: {sorted(available_rewards())}"
             )
         self.processor = UMEProcessor.from_pretrained(
-            cfg.model.path, cfg.data.max_prompt_length, cfg.data.max_pixels
+            cfg.model.path, cfg.data.max_prompt_length, cfg.data.max_pixels, MediaLimits.from_config(cfg.data)
         )
         self.tokenizer = self.processor.tokenizer
         steps_per_epoch = len(self.examples) // cfg.data.train_batch_size
@@ -115,8 +119,8 @@ class GRPOTrainer:
             len(self.examples), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle
         )
         self.checkpoints = CheckpointDir(self.run_dir, cfg.trainer.max_ckpt_to_keep)
-        for partial in self.checkpoints.discard_partial():
-            print(f"checkpoint: removed {partial} (a write that did not finish)")
+        for leftover in self.checkpoints.discard_partial():
+            print(f"checkpoint: removed {leftover} (a write that did not finish)")
         self.resume_from = resume_checkpoint(
             cfg.trainer.resume_mode, self.run_dir, cfg.trainer.resume_from_path
         )
@@ -126,6 +130,19 @@ class GRPOTrainer:
                 f"{self.resume_from} continues a run that started from {resumed['model_path']}, but "
                 f"model.path={self.model_path}: the reference (KL anchor) must stay the original model"
             )
+        self.bad_rows = BadRowCounts()
+        if resumed:
+            self.order.load_state_dict(resumed["data"])
+            self.bad_rows = BadRowCounts(**resumed.get("bad_rows", {}))
+        encode = partial(encode_example, processor=self.processor, truncate=cfg.data.truncation == "truncate")
+        # before Ray starts: the data workers fork from this process
+        self.batches = row_batches(
+            EncodedRows(self.examples, encode, cfg.data.on_bad_row, cfg.data.truncation, cfg.data.seed),
+            self.order,
+            self.total_steps - (resumed["step"] if resumed else 0),
+            cfg.data.dataloader_num_workers,
+            cfg.data.prefetch_factor,
+        )
 
         init_ray(cfg)
         self.gpu = cfg.trainer.device == "cuda" or (
@@ -164,7 +181,14 @@ class GRPOTrainer:
         steps = range(first, self.total_steps + 1)
         for step in tqdm(steps, desc="grpo", initial=first - 1, total=self.total_steps, dynamic_ncols=True):
             try:
-                metrics = self.step([self.examples[i] for i in next(self.order)], step)
+                waited = time.perf_counter()
+                batch = next(self.batches)
+                waited = time.perf_counter() - waited
+                if batch.indices != next(self.order):
+                    raise RuntimeError(f"step {step}: the data loader is out of step with the batch order")
+                metrics = self.step(batch.rows, step)
+                metrics.update(self.bad_rows.add(batch, tqdm.write))
+                metrics["timing_s/data_wait"] = waited  # > 0 only when the data workers fall behind
                 self.logger.log(metrics, step)
                 if save_freq > 0 and (step % save_freq == 0 or step == self.total_steps):
                     self.save(step)
@@ -236,6 +260,7 @@ class GRPOTrainer:
             step,
             {
                 "data": self.order.state_dict(),
+                "bad_rows": asdict(self.bad_rows),
                 "scheduler": scheduler,
                 "rng": {"driver": rng_state(), **rng},
                 "model_path": self.model_path,
@@ -248,10 +273,10 @@ class GRPOTrainer:
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint written by `save`; returns its step. The reference is not touched: it was
-        loaded from the original model. The engines get the restored weights before the next step."""
+        loaded from the original model, and the data position was read when the run was set up. The
+        engines get the restored weights before the next step."""
         state = read_state(path)
         self.learners.load_state(str((path / SHARDS).resolve()), state["scheduler"])
-        self.order.load_state_dict(state["data"])
         set_rng_state(state["rng"]["driver"])
         for name, group in self._workers().items():
             group.set_rng_state(state["rng"][name])
@@ -259,11 +284,11 @@ class GRPOTrainer:
         tqdm.write(f"resumed from {path} (step {state['step']})")
         return state["step"]
 
-    def step(self, examples: list[Example], step: int) -> dict[str, float]:
+    def step(self, examples: list[EncodedExample], step: int) -> dict[str, float]:
         cfg, timing = self.cfg, {}
         start = time.perf_counter()
         with _timer(timing, "prepare"):
-            plan = plan_prompts(examples, self.processor.encode)
+            plan = plan_prompts(examples)
         with _timer(timing, "rollout"):
             responses, timing["generate"] = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
         with _timer(timing, "forward"):

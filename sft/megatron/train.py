@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,15 @@ from sft.losses import info_nce, token_nll
 from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
 from sft.megatron.convert import tp_merge
 from sft.megatron.model import MegatronQwen2VL, transformer_config
-from sft.step import encode_pairs
+from sft.step import EncodedPairs, encode_pair
 from ume_r1.batch import media_inputs, pack_sequences
 from ume_r1.checkpoint import CheckpointDir, restore_all_ranks, resume_checkpoint, save_all_ranks
 from ume_r1.data_order import BatchOrder
+from ume_r1.media import MediaLimits
 from ume_r1.model import load_image_processor, load_model, resolve_dtype, write_hf_checkpoint
 from ume_r1.policy import disc_embeddings, gen_emb_positions, hidden_at
 from ume_r1.processor import UMEProcessor
+from ume_r1.row_batches import EncodedRows, row_batches
 from ume_r1.sft_data import load_sft_pairs
 from ume_r1.template import DISC_EMB, GEN_EMB
 
@@ -163,7 +166,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     processor = UMEProcessor(
-        tokenizer, load_image_processor(cfg.model.path, cfg.data.max_pixels), cfg.data.max_length
+        tokenizer,
+        load_image_processor(cfg.model.path, cfg.data.max_pixels),
+        cfg.data.max_length,
+        MediaLimits.from_config(cfg.data),
     )
     pairs, _ = load_sft_pairs(cfg.data.train_files, cfg.data.image_root, cfg.data.on_bad_row)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -197,11 +203,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_all_ranks(checkpoints, step, write, state)
 
     metrics, save_freq = {}, tc.get("save_freq", -1)
+    encode = partial(
+        encode_pair,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        truncate=cfg.data.truncation == "truncate",
+    )
+    rows = EncodedRows(pairs, encode, cfg.data.on_bad_row, cfg.data.truncation, cfg.data.seed)
+    workers, prefetch = cfg.data.dataloader_num_workers, cfg.data.prefetch_factor
+    batches = row_batches(rows, order, steps - first + 1, workers, prefetch, dp_rank, dp)
     model.train()
     for step in range(first, steps + 1):
         started = time.perf_counter()
-        batch = next(order)
-        enc = encode_pairs([pairs[i] for i in batch[dp_rank::dp]], processor)
+        batch = next(batches)
+        if batch.indices != next(order)[dp_rank::dp]:
+            raise RuntimeError(f"step {step}: the data loader is out of step with the batch order")
+        enc = EncodedPairs.concat(batch.rows)
         out = forward_pairs(model, enc, ids, tokenizer.pad_token_id, device)
         b, temp = enc.num_pairs, cfg.train.temperature
         tokens = torch.tensor([float(enc.assistant_tokens())], device=device)
