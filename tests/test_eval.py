@@ -218,6 +218,19 @@ def test_label_outside_candidates_and_empty_labels(tmp_path: Path) -> None:
         load_dataset(spec)
 
 
+def test_media_that_fail_when_decoded_are_named(tiny_model_dir: str, tmp_path: Path) -> None:
+    good = {"query": side_struct("q"), "candidates": [side_struct("a"), side_struct("b")], "labels": [1]}
+    corrupt = {**good, "candidates": [side_struct("a"), side_struct("b", b"\x89PNG cut short")]}
+    _write_eval(tmp_path / "ds.parquet", [good, corrupt])
+    config = _config(
+        tmp_path / "eval.yaml", [{"name": "ds", "meta_task": "RET", "metric": "hit@1", "path": "ds.parquet"}]
+    )
+    with pytest.raises(
+        BadRowError, match=r"dataset 'ds': .*ds.parquet row 1: candidates\[1\] image 0 .* unreadable"
+    ):
+        evaluate(tiny_model_dir, config, modes=["disc"])
+
+
 def test_model_without_gen_emb_is_named(tiny_model_dir: str, tmp_path: Path, capsys) -> None:
     bad_dir = tmp_path / "not_ume"
     shutil.copytree(tiny_model_dir, bad_dir)

@@ -135,7 +135,7 @@ def test_bad_row_is_named_or_skipped(tiny_model_dir, synthetic_dir, tmp_path, ca
     bad = tmp_path / "bad.parquet"
     pq.write_table(pq.read_table(synthetic_dir["train"]).from_pylist(table), bad)
     cfg = grpo_config(tiny_model_dir, str(bad), tmp_path / "run", "reward.name=nope")
-    with pytest.raises(ValueError, match=r"bad.parquet row 3: query image file 'missing.png'"):
+    with pytest.raises(ValueError, match=r"bad.parquet row 3: query image 0 'missing.png'.* not found"):
         GRPOTrainer(cfg)
     # With skip, loading goes on (and stops here at the unknown reward, before any Ray work).
     cfg = grpo_config(tiny_model_dir, str(bad), tmp_path / "run", "data.on_bad_row=skip", "reward.name=nope")

@@ -264,6 +264,7 @@ def _check_resume_matches_uninterrupted(monkeypatch, capsys, tmp_path, model_dir
             f"data.train_files={train_file}",
             "data.max_length=512",
             "data.max_pixels=3136",
+            "data.dataloader_num_workers=1",
             "train.global_batch_size=4",
             "train.total_steps=6",
             "train.save_freq=2",

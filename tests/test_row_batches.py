@@ -52,23 +52,35 @@ def _rl_rows(processor, examples, on_bad_row="raise", truncation="error", seed=0
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_media_that_fail_only_when_decoded_are_named_or_replaced(processor, rows, tmp_path, fmt):
+    """Corrupt bytes, and a path to a decompression bomb: both pass loading, both are named by the
+    data worker (raise) or replaced and counted (skip)."""
+    Image.new("1", (12_000, 12_000)).save(tmp_path / "bomb.png")
     bad = [dict(r) for r in rows]
     k = _image_row(rows)
+    j = next(i for i, r in enumerate(rows) if r["positive"]["images"] and i != k)
     bad[k]["query"] = dict(bad[k]["query"], images=[{"bytes": b"\x89PNG but cut short", "path": None}])
+    bad[j]["positive"] = dict(bad[j]["positive"], images=[{"bytes": None, "path": "bomb.png"}])
     examples, report = load_examples(str(write_rows(bad, tmp_path / "rows", fmt)))
-    assert report.skipped == 0  # bytes are there: loading keeps them undecoded
-    where = f"rows.{fmt} " + ("line" if fmt == "jsonl" else "row") + f" {k + (fmt == 'jsonl')}"
-    other = (k + 1) % len(rows)
+    assert report.skipped == 0  # the bytes and the file are there: loading decodes nothing
+
+    def where(i: int) -> str:
+        return f"rows.{fmt} " + ("line" if fmt == "jsonl" else "row") + f" {i + (fmt == 'jsonl')}"
+
+    other = next(i for i in range(len(rows)) if i not in (j, k))
     with pytest.raises(
-        BadRowError, match=rf"{where}: query image 0 \(18 bytes\) is unreadable: not an image"
+        BadRowError, match=rf"{where(k)}: query image 0 \(18 bytes\) is unreadable: not an image"
     ):
         _rl_rows(processor, examples)[[other, k]]
+    with pytest.raises(BadRowError, match=rf"{where(j)}: positive image 0 'bomb.png'.* over data.max_image"):
+        _rl_rows(processor, examples)[[j, other]]
 
-    batch = _rl_rows(processor, examples, on_bad_row="skip")[[other, k]]
-    assert batch.indices == [other, k] and len(batch.rows) == 2  # the batch keeps its size
-    assert len(batch.skipped) == 1 and where in batch.skipped[0] and "unreadable" in batch.skipped[0]
-    again = _rl_rows(processor, examples, on_bad_row="skip")[[other, k]]
-    assert again.rows[1].query.key() == batch.rows[1].query.key()  # the replacement is chosen by seed
+    batch = _rl_rows(processor, examples, on_bad_row="skip")[[other, k, j]]
+    assert batch.indices == [other, k, j] and len(batch.rows) == 3  # the batch keeps its size
+    assert len(batch.skipped) == 2
+    assert where(k) in batch.skipped[0] and "unreadable" in batch.skipped[0]
+    assert where(j) in batch.skipped[1] and "decompression bomb" in batch.skipped[1]
+    again = _rl_rows(processor, examples, on_bad_row="skip")[[other, k, j]]
+    assert [r.query.key() for r in again.rows] == [r.query.key() for r in batch.rows]  # drawn by seed
 
 
 def test_decompression_bomb_is_refused_before_decoding(processor, tmp_path):

@@ -63,6 +63,7 @@ class EvalRow:
     query: Side
     candidates: list[Side]
     labels: list[int]
+    where: str = ""  # "file row N", for media that fail when decoded
 
 
 @dataclass
@@ -240,8 +241,14 @@ def evaluate(
     datasets = [load_dataset(spec, max_queries) for spec in specs]
 
     table = SideTable()
-    query_idx = {d.spec.name: [table.add(r.query) for r in d.rows] for d in datasets}
-    cand_idx = {d.spec.name: [[table.add(c) for c in r.candidates] for r in d.rows] for d in datasets}
+    query_idx, cand_idx = {}, {}
+    for d in datasets:
+        for r in d.rows:
+            try:  # hashing a side decodes its media: the first place a corrupt image shows
+                query_idx.setdefault(d.spec.name, []).append(table.add(r.query))
+                cand_idx.setdefault(d.spec.name, []).append([table.add(c) for c in r.candidates])
+            except RowProblem as e:
+                raise BadRowError(f"dataset '{d.spec.name}': {r.where}: {e}") from None
     occurrences = sum(len(d.rows) + sum(len(r.candidates) for r in d.rows) for d in datasets)
     log.info("%d datasets, %d distinct sides (%d occurrences)", len(datasets), len(table.sides), occurrences)
 
