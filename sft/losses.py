@@ -1,4 +1,5 @@
-"""The SFT losses (DESIGN section 4): L = InfoNCE(disc) + InfoNCE(gen) + CE(assistant turn).
+"""The SFT losses (DESIGN section 4): L = InfoNCE(disc) + InfoNCE(gen) + CE(assistant turn), and
+optionally w * cross-mode InfoNCE, which puts the two embeddings in one space.
 
 InfoNCE uses in-batch negatives gathered from every data-parallel rank *with* gradient, and is
 symmetric (query -> target and target -> query). Each rank's loss covers its own rows against all
@@ -35,6 +36,23 @@ def info_nce(
     if symmetric:
         loss = (loss + F.cross_entropy(target @ all_query.T / temperature, labels)) / 2
     return loss
+
+
+def cross_mode_nce(
+    query_disc: torch.Tensor,
+    query_gen: torch.Tensor,
+    target_disc: torch.Tensor,
+    target_gen: torch.Tensor,
+    temperature: float,
+    group=None,
+) -> torch.Tensor:
+    """InfoNCE of generative queries against discriminative targets, and of discriminative queries
+    against generative targets, averaged: trained with it, a query embedded one way retrieves targets
+    embedded the other way (index offline with generative embeddings, query online with discriminative)."""
+    return (
+        info_nce(query_gen, target_disc, temperature, group=group)
+        + info_nce(query_disc, target_gen, temperature, group=group)
+    ) / 2
 
 
 def token_nll(log_probs: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sft.losses import info_nce, token_nll
+from sft.losses import cross_mode_nce, info_nce, token_nll
 from ume_r1.batch import media_inputs, pack_sequences
 from ume_r1.data_files import TooLong
 from ume_r1.policy import EmbeddingPolicy
@@ -116,10 +116,12 @@ def _forward(policy: EmbeddingPolicy, pairs: EncodedPairs, index: Sequence[int],
     return policy(**batch, with_entropy=False), batch["response_mask"].float()
 
 
-def _contrastive(disc: torch.Tensor, gen: torch.Tensor, b: int, temperature: float):
+def _contrastive(disc: torch.Tensor, gen: torch.Tensor, b: int, temperature: float, cross_weight: float):
+    """The step's contrastive losses: disc, gen, and the weighted cross-mode term (0 when off)."""
     disc_loss = info_nce(disc[:b], disc[b:], temperature)
     gen_loss = info_nce(gen[:b], gen[b:], temperature)
-    return disc_loss, gen_loss
+    cross = cross_mode_nce(disc[:b], gen[:b], disc[b:], gen[b:], temperature) if cross_weight else None
+    return disc_loss, gen_loss, cross
 
 
 def sft_step(
@@ -129,16 +131,20 @@ def sft_step(
     device: torch.device,
     temperature: float = 0.02,
     chunk_size: int | None = None,
+    cross_mode_weight: float = 0.0,
 ) -> dict[str, float]:
-    """Accumulates the gradient of InfoNCE(disc) + InfoNCE(gen) + CE into the parameters (no optimizer
-    step) and returns the loss parts. `chunk_size` sequences per forward; None = all at once."""
+    """Accumulates the gradient of InfoNCE(disc) + InfoNCE(gen) + w * cross-mode InfoNCE + CE into the
+    parameters (no optimizer step) and returns the loss parts. `chunk_size` sequences per forward;
+    None = all at once. `cross_mode_weight` w: 0 leaves the cross-mode term out."""
     b, total = pairs.num_pairs, 2 * pairs.num_pairs
     num_tokens = global_token_share(pairs.assistant_tokens(), device)
     if not chunk_size or chunk_size >= total:
         out, mask = _forward(policy, pairs, range(total), pad_id, device)
-        disc_loss, gen_loss = _contrastive(out["disc_embeddings"], out["embeddings"], b, temperature)
+        disc_loss, gen_loss, cross = _contrastive(
+            out["disc_embeddings"], out["embeddings"], b, temperature, cross_mode_weight
+        )
         ce = token_nll(out["log_probs"], mask, num_tokens)
-        (disc_loss + gen_loss + ce).backward()
+        (disc_loss + gen_loss + cross_mode_weight * (cross if cross is not None else 0) + ce).backward()
         ce_value = float(ce.detach())
     else:
         chunks = [range(s, min(s + chunk_size, total)) for s in range(0, total, chunk_size)]
@@ -146,8 +152,8 @@ def sft_step(
             cached = [_forward(policy, pairs, c, pad_id, device)[0] for c in chunks]
         disc = torch.cat([o["disc_embeddings"] for o in cached]).requires_grad_()
         gen = torch.cat([o["embeddings"] for o in cached]).requires_grad_()
-        disc_loss, gen_loss = _contrastive(disc, gen, b, temperature)
-        (disc_loss + gen_loss).backward()
+        disc_loss, gen_loss, cross = _contrastive(disc, gen, b, temperature, cross_mode_weight)
+        (disc_loss + gen_loss + cross_mode_weight * (cross if cross is not None else 0)).backward()
         ce_value = 0.0
         for chunk in chunks:
             out, mask = _forward(policy, pairs, chunk, pad_id, device)
@@ -158,9 +164,13 @@ def sft_step(
             ).sum()
             (surrogate + ce).backward()
             ce_value += float(ce.detach())
-    return {
+    parts = {
         "loss": float(disc_loss.detach()) + float(gen_loss.detach()) + ce_value,
         "disc_nce": float(disc_loss.detach()),
         "gen_nce": float(gen_loss.detach()),
         "ce": ce_value,
     }
+    if cross is not None:
+        parts["cross_nce"] = float(cross.detach())
+        parts["loss"] += cross_mode_weight * parts["cross_nce"]
+    return parts

@@ -182,7 +182,9 @@ def train(cfg: DictConfig) -> dict:
         counts = bad_rows.add(gathered(batch), print if rank == 0 else lambda _: None)
         encoded = EncodedPairs.concat(batch.rows)
         optimizer.zero_grad(set_to_none=True)
-        parts = sft_step(policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_size)
+        parts = sft_step(
+            policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_size, tc.cross_mode_weight
+        )
         grad_norm, stepped = clip_and_step(params, optimizer, tc.grad_clip)
         skipped += not stepped
         scheduler.step()

@@ -7,6 +7,7 @@ the step diagnostics.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,13 @@ from ume_r1.grouping import StepPrompts, encode_example, plan_prompts
 from ume_r1.model import _train_tiny_tokenizer, add_ume_tokens, build_tiny_model, load_model
 from ume_r1.policy import EmbeddingPolicy, gen_emb_positions
 from ume_r1.processor import UMEProcessor
-from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
+from ume_r1.step_metrics import (
+    flat_groups,
+    in_batch_hit_at_1,
+    reasoning_sensitivity,
+    reward_group_stats,
+    within_group_cosine,
+)
 from ume_r1.template import (
     IMAGE_PAD,
     VIDEO_PAD,
@@ -34,6 +41,7 @@ from ume_r1.template import (
     assistant_text,
     chat_prompt,
     format_ok,
+    swap_reasoning,
 )
 
 # Copied verbatim from DESIGN.md section 4 (not imported, so a drift in the product is caught).
@@ -427,6 +435,33 @@ def test_plan_prompts_drops_negative_equal_to_positive(processor: UMEProcessor) 
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_flat_groups_and_reward_variance_shares() -> None:
+    # 3 prompts x 2 responses: prompt 0 all equal (format and embedding), 1 differs in format only,
+    # 2 in embedding only; a prompt of one response is flat by definition
+    fmt = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    emb = torch.tensor([0.2, 0.2, 0.1, 0.1, 0.0, 0.4, 0.3])
+    prompt_index = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    assert flat_groups(fmt + emb, prompt_index).tolist() == [True, False, False, True]
+    stats = reward_group_stats({"reward": fmt + emb, "format": fmt, "embedding": emb}, prompt_index)
+    # population variances per prompt: format 0, .25, 0, 0; embedding 0, 0, .04, 0
+    assert stats["reward/zero_variance_groups"] == 0.5
+    assert stats["reward/format_variance_share"] == pytest.approx(0.25 / (0.25 + 0.04))
+    assert stats["reward/group_std"] == pytest.approx((0 + 0.5 + 0.2 + 0) / 4)
+
+
+def test_reasoning_sensitivity_hand_made() -> None:
+    assert swap_reasoning("<think>mine</think><answer>a<gen_emb>", "x<think>theirs</think>y") == (
+        "<think>theirs</think><answer>a<gen_emb>"
+    )
+    assert swap_reasoning("no tags", "<think>t</think>") is None
+    own = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    swapped = torch.tensor([[1.0, 1.0], [0.0, -1.0], [3.0, 4.0]])
+    # cosines: 1/sqrt(2), -1, and a row left out (e.g. its response had no <think>)
+    got = reasoning_sensitivity(own, swapped, torch.tensor([True, True, False]))
+    assert got == pytest.approx((2**-0.5 - 1) / 2)
+    assert math.isnan(reasoning_sensitivity(own, swapped, torch.tensor([False, False, False])))
 
 
 def test_step_metrics_hand_computed() -> None:

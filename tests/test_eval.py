@@ -24,12 +24,14 @@ from ume_r1.data import BadRowError, Side
 from ume_r1.embed import Embedder
 from ume_r1.evaluate import (
     EVAL_SCHEMA,
+    EvalRow,
     embed_sides,
     evaluate,
     load_config,
     load_dataset,
     main,
     make_synthetic_eval,
+    score_queries,
 )
 from ume_r1.metrics import (
     aggregate,
@@ -218,6 +220,20 @@ def test_label_outside_candidates_and_empty_labels(tmp_path: Path) -> None:
         load_dataset(spec)
 
 
+def test_cross_mode_scores_queries_of_one_mode_against_candidates_of_the_other() -> None:
+    """Hand-made: side 0 is the query, sides 1 and 2 its candidates, side 2 the relevant one. Each mode
+    alone ranks side 1 first; the generative query against discriminative candidates, and the reverse,
+    rank side 2 first."""
+    disc = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 1.0, 0.0]]), dim=-1)
+    gen = F.normalize(torch.tensor([[0.0, 1.0, 0.2], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), dim=-1)
+    rows = [EvalRow(query=Side("q"), candidates=[Side("a"), Side("b")], labels=[1])]
+    score = lambda q, c: score_queries(q, [0], [[1, 2]], rows, "hit@1", c)  # noqa: E731
+    assert score(disc, None) == [0.0]  # disc query . side 1's disc = 0.99 > side 2's = 0 (wrong)
+    assert score(gen, None) == [0.0]  # gen query . side 1's gen = 0.2 > side 2's = 0 (wrong)
+    assert score(gen, disc) == [1.0]  # gen query . side 2's disc = 0.98 > side 1's = 0.10
+    assert score(disc, gen) == [1.0]  # disc query . side 2's gen = 1 > side 1's = 0
+
+
 def test_media_that_fail_when_decoded_are_named(tiny_model_dir: str, tmp_path: Path) -> None:
     good = {"query": side_struct("q"), "candidates": [side_struct("a"), side_struct("b")], "labels": [1]}
     corrupt = {**good, "candidates": [side_struct("a"), side_struct("b", b"\x89PNG cut short")]}
@@ -313,7 +329,7 @@ def test_evaluate_end_to_end(tiny_model_dir: str, synthetic_dir: dict[str, str],
     )
     names = [d["name"] for d in results["datasets"]]
     assert names == ["synthetic_classification", "synthetic_vqa", "synthetic_retrieval", "ret_ndcg"]
-    assert set(results["scores"]) == {"disc", "gen", "oracle", "chance"}
+    assert set(results["scores"]) == {"disc", "gen", "oracle", "gen2disc", "disc2gen", "chance"}
     # Shared candidates are embedded once (the ndcg dataset reuses every retrieval side).
     assert results["sides"]["distinct"] < results["sides"]["occurrences"]
     for name in names:
@@ -342,7 +358,8 @@ def test_evaluate_end_to_end(tiny_model_dir: str, synthetic_dir: dict[str, str],
     paths = write_outputs(results, str(tmp_path / "run"))
     assert json.loads(Path(paths["results.json"]).read_text())["scores"] == results["scores"]
     table = Path(paths["results.md"]).read_text()
-    assert "| dataset | meta-task | metric | queries | disc | gen | oracle | chance |" in table
+    header = "| dataset | meta-task | metric | queries | disc | gen | oracle | gen2disc | disc2gen | chance |"
+    assert header in table
     assert all(name in table for name in names) and "| pass@k |" in table
     for png in ("modes.png", "pass_at_k.png"):
         assert Path(paths[png]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -70,6 +70,8 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
         tmp_path / "run",
         "trainer.total_training_steps=2",
         "trainer.save_hf_model=true",
+        "trainer.reasoning_sensitivity_freq=2",
+        "algorithm.filter_groups.enable=true",
         *layout,
     )
     trainer = GRPOTrainer(cfg)
@@ -88,8 +90,17 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
             "actor/entropy",
             "embedding/in_batch_hit@1",
             "timing_s/rollout",
+            "reward/group_std",
+            "reward/zero_variance_groups",
+            "reward/format_variance_share",
+            "filter/kept_rows",
         ):
             assert math.isfinite(row[key]), (key, row[key])
+        assert 0 <= row["filter/kept_rows"] <= 1 and 0 <= row["reward/zero_variance_groups"] <= 1
+    # the probe ran at step 2 only (nan when no response of the random model has a <think> block)
+    assert "embedding/reasoning_sensitivity" not in rows[0]
+    probe = rows[1]["embedding/reasoning_sensitivity"]
+    assert math.isnan(probe) or -1 <= probe <= 1
     # After the first update the policy has moved away from the reference.
     assert rows[1]["actor/kl_to_ref"] > 0
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from verl import DataProto
 from verl.trainer.ppo.core_algos import kl_penalty
 
 from ume_r1.data import Side
 from ume_r1.policy import token_log_probs
 from ume_r1.processor import UMEProcessor
-from ume_r1.trainer import build_sequences, grpo_advantages
+from ume_r1.trainer import build_sequences, drop_flat_groups, grpo_advantages
 
 
 def reference_advantages(rewards: list[float], groups: list[int], eps: float = 1e-6) -> list[float]:
@@ -34,6 +35,16 @@ def test_grpo_advantages_match_reference():
     torch.testing.assert_close(adv[:, 0], expected)
     assert torch.equal(adv[0, 3:], torch.zeros(2))
     assert torch.allclose(adv[1], adv[1, :1].expand(5))
+
+
+def test_zero_variance_filter_drops_exactly_the_flat_groups():
+    # prompts 0 and 2 have G equal rewards (2 is all 0: e.g. no response formatted); 1 and 3 differ
+    rewards = torch.tensor([0.5, 0.5, 0.5, 1.0, 0.9, 0.0, 0.0, 0.2, 0.2, 0.3])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    data = DataProto.from_dict(tensors={"row": torch.arange(10), "response_mask": torch.ones(10, 4)})
+    kept = drop_flat_groups(data, rewards, groups)
+    assert kept.batch["row"].tolist() == [3, 4, 7, 8, 9]
+    assert len(drop_flat_groups(data, torch.zeros(10), groups)) == 0
 
 
 def test_update_follows_the_advantages(learner, tiny_model_dir):

@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 import os
 import socket
+from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from sft.losses import info_nce, token_nll
+from sft.losses import cross_mode_nce, info_nce, token_nll
 from sft.step import encode_pairs, sft_step
 from sft.synthetic_cot import make_synthetic_sft
 from ume_r1.fsdp import shard
@@ -80,19 +82,35 @@ def grads_of(policy) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_gradcache_equals_full_batch(tiny_model_dir, sft_pairs):
+def test_cross_mode_nce_matches_formula():
+    torch.manual_seed(1)
+    qd, qg, td, tg = (F.normalize(torch.randn(4, 6, dtype=torch.float64), dim=-1) for _ in range(4))
+    got = float(cross_mode_nce(qd, qg, td, tg, temperature=0.1))
+    expected = (
+        reference_info_nce(qg.tolist(), td.tolist(), 0.1) + reference_info_nce(qd.tolist(), tg.tolist(), 0.1)
+    ) / 2
+    assert math.isclose(got, expected, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("cross_mode_weight", [0.0, 0.5])
+def test_gradcache_equals_full_batch(tiny_model_dir, sft_pairs, cross_mode_weight):
     processor = UMEProcessor.from_pretrained(tiny_model_dir)
     model, _ = load_model(tiny_model_dir)
     policy = EmbeddingPolicy(model, processor.gen_emb_id, processor.disc_emb_id)
     pairs = encode_pairs(sft_pairs[:6], processor)
     cpu = torch.device("cpu")
-    full = sft_step(policy, pairs, processor.pad_id, cpu, temperature=0.05, chunk_size=None)
+    step = partial(sft_step, policy, pairs, processor.pad_id, cpu, 0.05, cross_mode_weight=cross_mode_weight)
+    full = step(chunk_size=None)
     full_grads = grads_of(policy)
     policy.zero_grad()
-    chunked = sft_step(policy, pairs, processor.pad_id, cpu, temperature=0.05, chunk_size=5)
+    chunked = step(chunk_size=5)
     chunked_grads = grads_of(policy)
-    for key in ("disc_nce", "gen_nce", "ce"):
+    keys = ("disc_nce", "gen_nce", "ce", "loss") + (("cross_nce",) if cross_mode_weight else ())
+    assert ("cross_nce" in full) == bool(cross_mode_weight)
+    for key in keys:
         assert math.isclose(full[key], chunked[key], rel_tol=1e-5), key
+    parts = full["disc_nce"] + full["gen_nce"] + full["ce"] + cross_mode_weight * full.get("cross_nce", 0.0)
+    assert math.isclose(full["loss"], parts, rel_tol=1e-9)
     assert full_grads.keys() == chunked_grads.keys() and full_grads
     for name, grad in full_grads.items():
         # fp32 summation order differs between the two paths: tolerate noise at 1e-6 of the largest entry

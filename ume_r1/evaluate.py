@@ -44,6 +44,7 @@ log = logging.getLogger("ume_r1.evaluate")
 EVAL_SCHEMA = pa.schema([("query", SIDE), ("candidates", pa.list_(SIDE)), ("labels", pa.list_(pa.int32()))])
 EVAL_COLUMNS = {"query", "candidates", "labels"}
 MODES = ("disc", "gen")
+CROSS_MODES = (("gen", "disc"), ("disc", "gen"))  # (query mode, candidate mode): scores gen2disc, disc2gen
 # Synthetic task -> (MMEB meta-task, metric); MMEB scores image tasks with Hit@1.
 SYNTHETIC_TASKS = {"classification": ("CLS", "hit@1"), "vqa": ("QA", "hit@1"), "retrieval": ("RET", "hit@1")}
 
@@ -181,10 +182,13 @@ def score_queries(
     cand_idx: Sequence[Sequence[int]],
     rows: Sequence[EvalRow],
     metric: str,
+    cand_emb: torch.Tensor | None = None,
 ) -> list[float]:
-    """Per-query scores; `emb` rows are the side table's (L2-normalised) embeddings."""
+    """Per-query scores; `emb` rows are the side table's (L2-normalised) embeddings, the candidates'
+    too unless `cand_emb` (the same table embedded in another mode: cross-mode retrieval) is given."""
+    cand_emb = emb if cand_emb is None else cand_emb
     return [
-        instance_score(metric, emb[list(cands)] @ emb[q], row.labels)
+        instance_score(metric, cand_emb[list(cands)] @ emb[q], row.labels)
         for q, cands, row in zip(query_idx, cand_idx, rows, strict=True)
     ]
 
@@ -272,6 +276,19 @@ def evaluate(
         per_query["oracle"] = {
             n: oracle(per_query["disc"][n], per_query["gen"][n]).tolist() for n in query_idx
         }
+        # one space? queries embedded one way against candidates embedded the other way
+        for query_mode, cand_mode in CROSS_MODES:
+            per_query[f"{query_mode}2{cand_mode}"] = {
+                d.spec.name: score_queries(
+                    by_mode[query_mode],
+                    query_idx[d.spec.name],
+                    cand_idx[d.spec.name],
+                    d.rows,
+                    d.spec.metric,
+                    by_mode[cand_mode],
+                )
+                for d in datasets
+            }
     scores = {m: {n: mean(v) for n, v in per_query[m].items()} for m in per_query}
     scores["chance"] = {
         d.spec.name: mean([chance_level(d.spec.metric, len(r.candidates), len(r.labels)) for r in d.rows])

@@ -41,7 +41,7 @@ def _pct(x: float | None) -> str:
 
 def results_markdown(results: dict[str, Any]) -> str:
     """Dataset x {disc, gen, oracle, chance} table in percent, meta-task and overall means, pass@k row."""
-    cols = [m for m in ("disc", "gen", "oracle", "chance") if m in results["scores"]]
+    cols = [m for m in ("disc", "gen", "oracle", "gen2disc", "disc2gen", "chance") if m in results["scores"]]
     lines = [
         "# UME-R1 retrieval evaluation",
         "",

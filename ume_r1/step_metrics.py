@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from ume_r1.grouping import StepPrompts
 
+FLAT = 1e-6  # a group whose rewards span at most this gives GRPO no signal (a zero-variance group)
+
 
 def prompt_means(embeddings: torch.Tensor, prompt_index: torch.Tensor, num_prompts: int) -> torch.Tensor:
     """One normalised embedding per prompt: the mean of its responses' embeddings."""
@@ -37,3 +39,51 @@ def within_group_cosine(embeddings: torch.Tensor, prompt_index: torch.Tensor) ->
             sims = group @ group.T
             values.append(float((sims.sum() - sims.diagonal().sum()) / (g * (g - 1))))
     return sum(values) / max(len(values), 1)
+
+
+def _group_variance(values: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    """Per prompt: the population variance of its responses' values (what GRPO's advantages see)."""
+    num = int(prompt_index.max()) + 1 if len(prompt_index) else 0
+    count = torch.bincount(prompt_index, minlength=num).double()
+    mean = torch.zeros(num, dtype=torch.float64).index_add_(0, prompt_index, values.double()) / count.clamp(
+        min=1
+    )
+    sq = torch.zeros(num, dtype=torch.float64).index_add_(
+        0, prompt_index, (values.double() - mean[prompt_index]) ** 2
+    )
+    return (sq / count.clamp(min=1))[count > 0]
+
+
+def flat_groups(rewards: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    """(P,) bool: prompts whose responses' rewards are all equal (within FLAT): their GRPO advantages are
+    zero, so they only dilute the update (DAPO's dynamic sampling drops them)."""
+    num = int(prompt_index.max()) + 1
+    rewards = rewards.double()
+    high = torch.full((num,), -torch.inf, dtype=torch.float64).scatter_reduce(
+        0, prompt_index, rewards, "amax"
+    )
+    low = torch.full((num,), torch.inf, dtype=torch.float64).scatter_reduce(0, prompt_index, rewards, "amin")
+    return high - low <= FLAT
+
+
+def reward_group_stats(scores: dict[str, torch.Tensor], prompt_index: torch.Tensor) -> dict[str, float]:
+    """How much signal the step's rewards give GRPO: the mean within-group std of the reward, the share
+    of groups whose G rewards are all equal (no gradient), and which part of the within-group variance
+    comes from the format term and which from the embedding term (their shares of the two variances)."""
+    variance = _group_variance(scores["reward"], prompt_index)
+    out = {
+        "reward/group_std": float(variance.sqrt().mean()),
+        "reward/zero_variance_groups": float(flat_groups(scores["reward"], prompt_index).double().mean()),
+    }
+    if "format" in scores and "embedding" in scores:
+        fmt = float(_group_variance(scores["format"], prompt_index).mean())
+        emb = float(_group_variance(scores["embedding"], prompt_index).mean())
+        out["reward/format_variance_share"] = fmt / (fmt + emb) if fmt + emb > 0 else 0.0
+    return out
+
+
+def reasoning_sensitivity(embeddings: torch.Tensor, swapped: torch.Tensor, valid: torch.Tensor) -> float:
+    """Mean cosine between each response's generative embedding and that of the same response with its
+    <think> text taken from another input's response (1: the reasoning does not matter), over `valid`."""
+    cos = F.cosine_similarity(embeddings.float(), swapped.float(), dim=-1)
+    return float(cos[valid].mean()) if bool(valid.any()) else float("nan")

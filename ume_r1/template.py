@@ -23,6 +23,7 @@ IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 ENDOFTEXT = "<|endoftext|>"
 CHAT_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 FORMAT_RE = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*<gen_emb>", re.DOTALL)
 
 
@@ -57,3 +58,12 @@ def format_ok(response: str) -> bool:
     A `</answer>` before `<gen_emb>` is allowed; surrounding white space is ignored.
     """
     return FORMAT_RE.fullmatch(response.strip()) is not None
+
+
+def swap_reasoning(response: str, donor: str) -> str | None:
+    """`response` with the text of its first <think> block replaced by `donor`'s: the probe of whether an
+    embedding depends on its reasoning. None when either has no <think>..</think>."""
+    own, other = THINK_RE.search(response), THINK_RE.search(donor)
+    if own is None or other is None:
+        return None
+    return f"{response[: own.start(1)]}{other.group(1)}{response[own.end(1) :]}"

@@ -43,8 +43,15 @@ from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import EncodedPrompt, UMEProcessor
 from ume_r1.reward_api import RewardBatch, available_rewards
 from ume_r1.row_batches import BadRowCounts, EncodedRows, row_batches
-from ume_r1.step_metrics import in_batch_hit_at_1, within_group_cosine
+from ume_r1.step_metrics import (
+    flat_groups,
+    in_batch_hit_at_1,
+    reasoning_sensitivity,
+    reward_group_stats,
+    within_group_cosine,
+)
 from ume_r1.supervision import SupervisedGroup, WorkerFailure
+from ume_r1.template import swap_reasoning
 from workers.hybrid import ActorRolloutRefWorker
 from workers.learner import LearnerWorker
 from workers.reward import RewardWorker
@@ -315,14 +322,65 @@ class GRPOTrainer:
         data.batch["advantages"] = grpo_advantages(
             scores["reward"], data.batch["response_mask"], prompt_index, cfg.algorithm.norm_adv_by_std_in_grpo
         )
-        with _timer(timing, "update"):
-            update = self.learners.update_actor(pad_for_ranks(data, cfg.learner.num_workers))
-            per_rank = update.meta_info["metrics"]
-            update_metrics = {k: float(np.mean(v)) for k, v in per_rank.items()}  # lists of per-rank values
-        with _timer(timing, "sync"):
-            update_metrics.update(self.sync_weights())
+        update_metrics = reward_group_stats(scores, prompt_index)
+        if cfg.trainer.reasoning_sensitivity_freq > 0 and step % cfg.trainer.reasoning_sensitivity_freq == 0:
+            with _timer(timing, "probe"):
+                update_metrics["embedding/reasoning_sensitivity"] = self.probe_reasoning(
+                    plan, responses, texts, data, step
+                )
+        kept = data
+        if cfg.algorithm.filter_groups.enable:
+            kept = drop_flat_groups(data, scores["reward"], prompt_index)
+            update_metrics["filter/kept_rows"] = len(kept) / len(data)
+        if len(kept):
+            with _timer(timing, "update"):
+                update = self.learners.update_actor(pad_for_ranks(kept, cfg.learner.num_workers))
+                per_rank = update.meta_info["metrics"]
+                update_metrics.update({k: float(np.mean(v)) for k, v in per_rank.items()})  # per-rank lists
+            with _timer(timing, "sync"):
+                update_metrics.update(self.sync_weights())
         timing["step"] = time.perf_counter() - start
         return self.step_metrics(plan, data, prompt_index, scores, update_metrics, timing)
+
+    def probe_reasoning(
+        self,
+        plan: StepPrompts,
+        responses: list[list[list[int]]],
+        texts: list[str],
+        data: DataProto,
+        step: int,
+    ) -> float:
+        """Reasoning sensitivity: each response is embedded again with its <think> text replaced by that
+        of the same-numbered response of another input (the next prompt that is not its positive), and
+        compared with its own embedding (ume_r1.step_metrics.reasoning_sensitivity). One learner forward."""
+        count = len(responses)
+        starts = np.cumsum([0] + [len(group) for group in responses])
+        flat = [r for group in responses for r in group]
+
+        def donor(p: int) -> int:
+            others = [(p + d) % count for d in range(1, count)]
+            return next((q for q in others if q not in plan.positives[p]), others[0] if others else p)
+
+        rows = [
+            starts[donor(p)] + k % len(responses[donor(p)])
+            for p, group in enumerate(responses)
+            for k in range(len(group))
+        ]
+        swapped = [swap_reasoning(text, texts[d]) for text, d in zip(texts, rows, strict=True)]
+        ids = [
+            self.tokenizer(t, add_special_tokens=False)["input_ids"] if t is not None else own
+            for t, own in zip(swapped, flat, strict=True)
+        ]
+        grouped = [ids[starts[p] : starts[p + 1]] for p in range(count)]
+        probe, _ = build_sequences(plan.prompts, grouped, self.processor.pad_id)
+        probe.meta_info["seed"] = step
+        out = self.learners.compute_log_prob(pad_for_ranks(probe, self.cfg.learner.num_workers))[: len(probe)]
+        valid = (
+            torch.tensor([t is not None for t in swapped])
+            & data.batch["has_gen_emb"].bool()
+            & out.batch["has_gen_emb"].bool()
+        )
+        return reasoning_sensitivity(data.batch["embeddings"], out.batch["embeddings"], valid)
 
     def rollout(self, plan: StepPrompts, seed: int) -> tuple[list[list[list[int]]], float]:
         """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, and
@@ -384,6 +442,14 @@ def build_sequences(
     objects[:] = per_sequence
     tensors = pack_sequences(per_sequence, flat, pad_id)
     return DataProto.from_dict(tensors=tensors, non_tensors={"prompt": objects}), prompt_index
+
+
+def drop_flat_groups(data: DataProto, rewards: torch.Tensor, prompt_index: torch.Tensor) -> DataProto:
+    """DAPO's dynamic-sampling filter, drop only (no new groups are sampled to refill): the rows of
+    every prompt whose G rewards are all equal leave the update; their advantages were zero anyway, but
+    their tokens would still count in the token mean and the KL term."""
+    keep = ~flat_groups(rewards, prompt_index)[prompt_index]
+    return data.select_idxs(keep.numpy())
 
 
 def pad_for_ranks(data: DataProto, ranks: int) -> DataProto:

@@ -28,7 +28,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from omegaconf import DictConfig, OmegaConf
 
-from sft.losses import info_nce, token_nll
+from sft.losses import cross_mode_nce, info_nce, token_nll
 from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
 from sft.megatron.convert import tp_merge
 from sft.megatron.model import MegatronQwen2VL, transformer_config
@@ -226,7 +226,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ce = token_nll(out["log_probs"], out["mask"], float(tokens) / dp)
         disc = info_nce(out["disc"][:b], out["disc"][b:], temp, group=ps.get_data_parallel_group())
         gen = info_nce(out["gen"][:b], out["gen"][b:], temp, group=ps.get_data_parallel_group())
-        (disc + gen + ce).backward()
+        loss = disc + gen + ce
+        if cfg.train.cross_mode_weight:
+            d, g, dp_group = out["disc"], out["gen"], ps.get_data_parallel_group()
+            loss = loss + cfg.train.cross_mode_weight * cross_mode_nce(
+                d[:b], g[:b], d[b:], g[b:], temp, dp_group
+            )
+        loss.backward()
         norm = allreduce_grads(params, cfg.train.grad_clip)
         optim.step(), sched.step(), optim.zero_grad(set_to_none=True)
         if device.type == "cuda":
