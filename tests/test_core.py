@@ -106,6 +106,17 @@ def test_format_ok_accepts_assistant_text() -> None:
     assert not format_ok("<think>r</think><answer>s</answer>")  # no <gen_emb>
     assert not format_ok("<answer>s<gen_emb>")  # no think block
     assert not format_ok(assistant_text("r", "s") + " trailing words")
+    # strict adherence (paper 3.3): each tag once, in order, nothing between </think> and <answer>
+    for loose in (
+        "<think>r</think><answer><answer>s<gen_emb>",  # what GRPO learnt under the loose pattern
+        "<think>r</think><answer>s.<answer>s<gen_emb>",
+        "<think>r</think>more words<answer>s<gen_emb>",
+        "<think>r<think>r</think><answer>s<gen_emb>",
+        "<think>r</think></think><answer>s<gen_emb>",
+        "<think>r</think><answer>s</answer></answer><gen_emb>",
+        "<think>r</think><answer>s<gen_emb><gen_emb>",
+    ):
+        assert not format_ok(loose), loose
 
 
 # ---------------------------------------------------------------------------------------------- tiny model

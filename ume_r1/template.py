@@ -24,7 +24,12 @@ ENDOFTEXT = "<|endoftext|>"
 CHAT_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-FORMAT_RE = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*<gen_emb>", re.DOTALL)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>", GEN_EMB)
+_FREE = "(?:(?!" + "|".join(re.escape(t) for t in TAGS) + ").)*"  # text holding none of the tags
+# Each tag once, in order; only white space between </think> and <answer>; </answer> optional.
+FORMAT_RE = re.compile(
+    rf"<think>{_FREE}</think>\s*<answer>{_FREE}(?:</answer>)?\s*{re.escape(GEN_EMB)}", re.DOTALL
+)
 
 
 def user_text(text: str) -> str:
@@ -53,9 +58,12 @@ def chat_prompt(text: str, num_images: int = 0, has_video: bool = False) -> str:
 
 
 def format_ok(response: str) -> bool:
-    """Format reward predicate: the whole response is `<think>..</think>..<answer>..<gen_emb>`.
+    """Format reward predicate (paper 3.3: 1 for strict adherence to the template, else 0): the whole
+    response is `<think>..</think><answer>..<gen_emb>`, each tag exactly once and in that order.
 
-    A `</answer>` before `<gen_emb>` is allowed; surrounding white space is ignored.
+    A `</answer>` before `<gen_emb>` and white space around the tags are allowed. Anything else is a
+    deviation: a repeated tag (`<answer><answer>`, which GRPO learnt to emit under the earlier, looser
+    pattern), text between `</think>` and `<answer>`, a tag inside the reasoning or the summary.
     """
     return FORMAT_RE.fullmatch(response.strip()) is not None
 
