@@ -460,6 +460,9 @@ def test_flat_groups_and_reward_variance_shares() -> None:
     assert stats["reward/zero_variance_groups"] == 0.5
     assert stats["reward/format_variance_share"] == pytest.approx(0.25 / (0.25 + 0.04))
     assert stats["reward/group_std"] == pytest.approx((0 + 0.5 + 0.2 + 0) / 4)
+    # format_weight 0.1: the format term's variances shrink 100-fold
+    weighted = reward_group_stats({"reward": 0.1 * fmt + emb, "format": fmt, "embedding": emb}, prompt_index)
+    assert weighted["reward/format_variance_share"] == pytest.approx(0.0025 / (0.0025 + 0.04))
 
 
 def test_reasoning_sensitivity_hand_made() -> None:

@@ -68,15 +68,15 @@ def flat_groups(rewards: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tens
 
 def reward_group_stats(scores: dict[str, torch.Tensor], prompt_index: torch.Tensor) -> dict[str, float]:
     """How much signal the step's rewards give GRPO: the mean within-group std of the reward, the share
-    of groups whose G rewards are all equal (no gradient), and which part of the within-group variance
-    comes from the format term and which from the embedding term (their shares of the two variances)."""
+    of groups whose G rewards are all equal (no gradient), and the weighted format term's share of the
+    within-group variances of the format and embedding terms (the rest is the embedding term's)."""
     variance = _group_variance(scores["reward"], prompt_index)
     out = {
         "reward/group_std": float(variance.sqrt().mean()),
         "reward/zero_variance_groups": float(flat_groups(scores["reward"], prompt_index).double().mean()),
     }
-    if "format" in scores and "embedding" in scores:
-        fmt = float(_group_variance(scores["format"], prompt_index).mean())
+    if "embedding" in scores:  # the format part is what the reward adds to it: format_weight * format
+        fmt = float(_group_variance(scores["reward"] - scores["embedding"], prompt_index).mean())
         emb = float(_group_variance(scores["embedding"], prompt_index).mean())
         out["reward/format_variance_share"] = fmt / (fmt + emb) if fmt + emb > 0 else 0.0
     return out
