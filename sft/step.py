@@ -10,8 +10,10 @@ GradCache (Gao et al., 2021) lets the contrastive batch be far larger than what 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,8 +21,10 @@ import torch.distributed as dist
 from sft.losses import cross_mode_nce, info_nce, token_nll
 from ume_r1.batch import media_inputs, pack_sequences
 from ume_r1.data_files import TooLong
+from ume_r1.data_order import BatchOrder
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.processor import EncodedPrompt, UMEProcessor
+from ume_r1.row_batches import EncodedRows, RowBatch, row_batches
 from ume_r1.sft_data import SFTPair
 
 
@@ -90,6 +94,26 @@ def encode_pair(
         responses.append(ids)
         cut = cut or prompt.truncated
     return EncodedPairs(prompts, responses), cut
+
+
+def pair_batches(
+    pairs: Sequence[SFTPair],
+    processor: UMEProcessor,
+    data_cfg: Any,
+    order: BatchOrder,
+    steps: int,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[RowBatch]:
+    """The next `steps` batches of `order` (this rank's share), encoded in data workers under the
+    `data.*` length, bad-row and loader settings (`ume_r1.row_batches`)."""
+    truncation = data_cfg.truncation
+    encode = partial(
+        encode_pair, processor=processor, max_length=data_cfg.max_length, truncate=truncation == "truncate"
+    )
+    rows = EncodedRows(pairs, encode, data_cfg.on_bad_row, truncation, data_cfg.seed)
+    workers, prefetch = data_cfg.dataloader_num_workers, data_cfg.prefetch_factor
+    return row_batches(rows, order, steps, workers, prefetch, rank, world)
 
 
 def encode_pairs(pairs: Sequence[SFTPair], processor: UMEProcessor) -> EncodedPairs:

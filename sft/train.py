@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import get_cosine_schedule_with_warmup
 
-from sft.step import EncodedPairs, encode_pair, sft_step
+from sft.step import EncodedPairs, pair_batches, sft_step
 from ume_r1.checkpoint import (
     SHARDS,
     CheckpointDir,
@@ -40,7 +39,7 @@ from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_devi
 from ume_r1.policy import EmbeddingPolicy
 from ume_r1.preflight import check_output_dir, checkpoint_bytes
 from ume_r1.processor import UMEProcessor
-from ume_r1.row_batches import BadRowCounts, EncodedRows, gathered, row_batches
+from ume_r1.row_batches import BadRowCounts, gathered
 from ume_r1.sft_data import SFTPair, load_sft_pairs
 
 
@@ -131,22 +130,7 @@ def train(cfg: DictConfig) -> dict:
             state["skipped_steps"],
             BadRowCounts(**state.get("bad_rows", {})),
         )
-    encode = partial(
-        encode_pair,
-        processor=processor,
-        max_length=cfg.data.max_length,
-        truncate=cfg.data.truncation == "truncate",
-    )
-    rows = EncodedRows(pairs, encode, cfg.data.on_bad_row, cfg.data.truncation, cfg.data.seed)
-    batches = row_batches(
-        rows,
-        order,
-        tc.total_steps - first + 1,
-        cfg.data.dataloader_num_workers,
-        cfg.data.prefetch_factor,
-        rank,
-        world,
-    )
+    batches = pair_batches(pairs, processor, cfg.data, order, tc.total_steps - first + 1, rank, world)
     log = None
     if rank == 0:
         checkpoints.discard_partial()

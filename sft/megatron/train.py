@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from sft.losses import cross_mode_nce, info_nce, token_nll
 from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
 from sft.megatron.convert import tp_merge
 from sft.megatron.model import MegatronQwen2VL, transformer_config
-from sft.step import EncodedPairs, encode_pair
+from sft.step import EncodedPairs, pair_batches
 from ume_r1.batch import media_inputs, pack_sequences
 from ume_r1.checkpoint import CheckpointDir, restore_all_ranks, resume_checkpoint, save_all_ranks
 from ume_r1.data_order import BatchOrder
@@ -40,7 +39,6 @@ from ume_r1.media import MediaLimits
 from ume_r1.model import load_image_processor, load_model, resolve_dtype, write_hf_checkpoint
 from ume_r1.policy import disc_embeddings, gen_emb_positions, hidden_at
 from ume_r1.processor import UMEProcessor
-from ume_r1.row_batches import EncodedRows, row_batches
 from ume_r1.sft_data import load_sft_pairs
 from ume_r1.template import DISC_EMB, GEN_EMB
 
@@ -203,15 +201,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_all_ranks(checkpoints, step, write, state)
 
     metrics, save_freq = {}, tc.get("save_freq", -1)
-    encode = partial(
-        encode_pair,
-        processor=processor,
-        max_length=cfg.data.max_length,
-        truncate=cfg.data.truncation == "truncate",
-    )
-    rows = EncodedRows(pairs, encode, cfg.data.on_bad_row, cfg.data.truncation, cfg.data.seed)
-    workers, prefetch = cfg.data.dataloader_num_workers, cfg.data.prefetch_factor
-    batches = row_batches(rows, order, steps - first + 1, workers, prefetch, dp_rank, dp)
+    batches = pair_batches(pairs, processor, cfg.data, order, steps - first + 1, dp_rank, dp)
     model.train()
     for step in range(first, steps + 1):
         started = time.perf_counter()
