@@ -90,19 +90,40 @@ class VideoFile:
                 f"{self.shown}: decoding a video file needs OpenCV (pip install opencv-python-headless); "
                 "or give the video as frame files or a frame directory"
             ) from e
+        total = self._count(cv2)
+        if total == 0:
+            raise RowProblem(f"{self.shown} has no decodable frames")
+        keep = set(
+            np.linspace(0, total - 1, min(total, limits.video_max_frames)).round().astype(int).tolist()
+        )
+        frames = []
         capture = cv2.VideoCapture(self.path)
-        try:
-            frames = []
-            ok, frame = capture.read()
-            while ok:
-                frames.append(frame)
-                ok, frame = capture.read()
+        try:  # one pass, holding only the frames kept: a long video never sits in memory whole
+            for index in range(total):
+                if not capture.grab():
+                    break
+                if index in keep:
+                    ok, frame = capture.retrieve()
+                    if ok:
+                        frames.append(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
         finally:
             capture.release()
         if not frames:
             raise RowProblem(f"{self.shown} has no decodable frames")
-        keep = np.linspace(0, len(frames) - 1, min(len(frames), limits.video_max_frames)).round().astype(int)
-        return [Image.fromarray(cv2.cvtColor(frames[k], cv2.COLOR_BGR2RGB)) for k in dict.fromkeys(keep)]
+        return frames
+
+    def _count(self, cv2) -> int:
+        """Frames in the file: from the container when it says, else by stepping through them."""
+        capture = cv2.VideoCapture(self.path)
+        try:
+            count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            if count <= 0:
+                count = 0
+                while capture.grab():
+                    count += 1
+            return count
+        finally:
+            capture.release()
 
 
 Media = Image.Image | ImageRef
