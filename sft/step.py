@@ -141,11 +141,16 @@ def _forward(policy: EmbeddingPolicy, pairs: EncodedPairs, index: Sequence[int],
 
 
 def _contrastive(disc: torch.Tensor, gen: torch.Tensor, b: int, temperature: float, cross_weight: float):
-    """The step's contrastive losses: disc, gen, and the weighted cross-mode term (0 when off)."""
+    """The step's contrastive losses: disc, gen, the cross-mode term (None when its weight is 0), and
+    their weighted sum, which is what back-propagates."""
     disc_loss = info_nce(disc[:b], disc[b:], temperature)
     gen_loss = info_nce(gen[:b], gen[b:], temperature)
-    cross = cross_mode_nce(disc[:b], gen[:b], disc[b:], gen[b:], temperature) if cross_weight else None
-    return disc_loss, gen_loss, cross
+    total = disc_loss + gen_loss
+    cross = None
+    if cross_weight:
+        cross = cross_mode_nce(disc[:b], gen[:b], disc[b:], gen[b:], temperature)
+        total = total + cross_weight * cross
+    return disc_loss, gen_loss, cross, total
 
 
 def sft_step(
@@ -164,11 +169,11 @@ def sft_step(
     num_tokens = global_token_share(pairs.assistant_tokens(), device)
     if not chunk_size or chunk_size >= total:
         out, mask = _forward(policy, pairs, range(total), pad_id, device)
-        disc_loss, gen_loss, cross = _contrastive(
+        disc_loss, gen_loss, cross, contrastive = _contrastive(
             out["disc_embeddings"], out["embeddings"], b, temperature, cross_mode_weight
         )
         ce = token_nll(out["log_probs"], mask, num_tokens)
-        (disc_loss + gen_loss + cross_mode_weight * (cross if cross is not None else 0) + ce).backward()
+        (contrastive + ce).backward()
         ce_value = float(ce.detach())
     else:
         chunks = [range(s, min(s + chunk_size, total)) for s in range(0, total, chunk_size)]
@@ -176,8 +181,8 @@ def sft_step(
             cached = [_forward(policy, pairs, c, pad_id, device)[0] for c in chunks]
         disc = torch.cat([o["disc_embeddings"] for o in cached]).requires_grad_()
         gen = torch.cat([o["embeddings"] for o in cached]).requires_grad_()
-        disc_loss, gen_loss, cross = _contrastive(disc, gen, b, temperature, cross_mode_weight)
-        (disc_loss + gen_loss + cross_mode_weight * (cross if cross is not None else 0)).backward()
+        disc_loss, gen_loss, cross, contrastive = _contrastive(disc, gen, b, temperature, cross_mode_weight)
+        contrastive.backward()
         ce_value = 0.0
         for chunk in chunks:
             out, mask = _forward(policy, pairs, chunk, pad_id, device)

@@ -361,8 +361,9 @@ class GRPOTrainer:
             others = [(p + d) % count for d in range(1, count)]
             return next((q for q in others if q not in plan.positives[p]), others[0] if others else p)
 
+        donors = [donor(p) for p in range(count)]  # once per prompt, not per response
         rows = [
-            starts[donor(p)] + k % len(responses[donor(p)])
+            starts[donors[p]] + k % len(responses[donors[p]])
             for p, group in enumerate(responses)
             for k in range(len(group))
         ]
