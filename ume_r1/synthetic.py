@@ -54,14 +54,15 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return pts
 
 
-def render(colour: str, shape: str, rng: np.random.Generator, size: int = 56) -> bytes:
-    """PNG bytes of one `colour` `shape` at a random size and position on a lightly noisy background."""
+def noisy_canvas(rng: np.random.Generator, size: int) -> Image.Image:
+    """A light grey background with a little per-pixel noise."""
     base = rng.integers(225, 250)
     noise = rng.integers(-8, 9, size=(size, size, 1))
-    background = np.clip(base + noise, 0, 255).repeat(3, axis=2).astype(np.uint8)
-    img = Image.fromarray(background, "RGB")
-    r = size * rng.uniform(0.22, 0.34)
-    cx, cy = (size / 2 + rng.uniform(-1, 1) * (size / 2 - r - 1) for _ in range(2))
+    return Image.fromarray(np.clip(base + noise, 0, 255).repeat(3, axis=2).astype(np.uint8), "RGB")
+
+
+def draw_shape(img: Image.Image, colour: str, shape: str, cx: float, cy: float, r: float) -> None:
+    """Draw one filled `colour` `shape` of radius `r` centred at (cx, cy)."""
     draw = ImageDraw.Draw(img)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -71,9 +72,21 @@ def render(colour: str, shape: str, rng: np.random.Generator, size: int = 56) ->
         draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
     else:
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+
+
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def render(colour: str, shape: str, rng: np.random.Generator, size: int = 56) -> bytes:
+    """PNG bytes of one `colour` `shape` at a random size and position on a lightly noisy background."""
+    img = noisy_canvas(rng, size)
+    r = size * rng.uniform(0.22, 0.34)
+    cx, cy = (size / 2 + rng.uniform(-1, 1) * (size / 2 - r - 1) for _ in range(2))
+    draw_shape(img, colour, shape, cx, cy, r)
+    return png_bytes(img)
 
 
 def describe(colour: str, shape: str) -> str:
