@@ -21,7 +21,7 @@ import yaml
 
 from ume_r1.batch import mm_token_type_ids
 from ume_r1.data import BadRowError, Side
-from ume_r1.embed import Embedder
+from ume_r1.embed import Embedder, Embeddings
 from ume_r1.evaluate import (
     EVAL_SCHEMA,
     EvalRow,
@@ -31,6 +31,7 @@ from ume_r1.evaluate import (
     load_dataset,
     main,
     make_synthetic_eval,
+    reasoning_probe,
     score_queries,
 )
 from ume_r1.metrics import (
@@ -47,6 +48,7 @@ from ume_r1.model import _train_tiny_tokenizer, load_model
 from ume_r1.processor import UMEProcessor
 from ume_r1.report import write_outputs
 from ume_r1.synthetic import side_struct, write_atomic
+from ume_r1.template import assistant_text
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -305,6 +307,46 @@ def test_gen_embedding_comes_from_the_generated_response(tiny_model_dir: str) ->
             assert not torch.allclose(emb.gen[i], F.normalize(hidden[pos], dim=-1), atol=1e-3)
 
 
+def _gen_embedding(model, processor: UMEProcessor, side: Side, response: str) -> torch.Tensor:
+    """Directly: the L2-normalised hidden state at the response's last <gen_emb> (text side, one forward)."""
+    prompt = processor.encode(side).input_ids
+    response_ids = processor.tokenizer(response, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + response_ids])
+    types = mm_token_type_ids(ids, processor.image_pad_id, processor.video_pad_id)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, mm_token_type_ids=types).last_hidden_state[0]
+    last = max(k for k, t in enumerate(response_ids) if t == processor.gen_emb_id)
+    return F.normalize(hidden[len(prompt) + last], dim=-1)
+
+
+def test_reasoning_probe_equals_a_direct_computation(tiny_model_dir: str) -> None:
+    processor = UMEProcessor.from_pretrained(tiny_model_dir)
+    model, _ = load_model(tiny_model_dir)
+    embedder = Embedder(model, processor, torch.device("cpu"), batch_size=2, max_new_tokens=6)
+    sides = [Side("a red circle"), Side("What shape is it?"), Side("blue"), Side("two squares")]
+    texts = [
+        assistant_text("It is round and red.", "a red circle"),
+        assistant_text("The question asks for a shape.", "a shape"),
+        "blue<gen_emb>",  # no <think>: neither probed nor a donor
+        assistant_text("Two of them.", "two squares"),
+    ]
+    gen, has = embedder.embed_responses(sides, texts)
+    assert has.all()
+    for side, text, g in zip(sides, texts, gen, strict=True):  # teacher-forced = a direct forward
+        torch.testing.assert_close(g, _gen_embedding(model, processor, side, text), rtol=1e-4, atol=1e-4)
+    emb = Embeddings(disc=gen, gen=gen, responses=texts, has_gen_emb=has)
+    # side 0 takes side 1's think, side 3 takes side 0's (the next side, wrapping); 1 and 2 have no donor
+    swapped = {
+        0: assistant_text("The question asks for a shape.", "a red circle"),
+        3: assistant_text("It is round and red.", "two squares"),
+    }
+    direct = np.mean(
+        [float(gen[i] @ _gen_embedding(model, processor, sides[i], text)) for i, text in swapped.items()]
+    )
+    assert reasoning_probe(embedder, sides, emb) == pytest.approx(direct, abs=1e-4)
+    assert reasoning_probe(embedder, sides[2:3], Embeddings(gen[2:3], gen[2:3], texts[2:3], has[2:3])) is None
+
+
 # ------------------------------------------------------------------------------------------- end to end
 
 
@@ -347,6 +389,8 @@ def test_evaluate_end_to_end(tiny_model_dir: str, synthetic_dir: dict[str, str],
         assert results["overall"][m] == pytest.approx(np.mean([results["scores"][m][x] for x in names]))
         assert set(results["meta_tasks"][m]) == {"CLS", "QA", "RET", "VisDoc"}
     assert results["generation"]["examples"] and 0 <= results["generation"]["format_rate"] <= 1
+    sensitivity = results["generation"]["reasoning_sensitivity"]  # None: no response with a <think> block
+    assert sensitivity is None or -1 <= sensitivity <= 1
 
     pk = results["pass_at_k"]
     assert pk["k"] == [1, 2, 3] and pk["mean"] == sorted(pk["mean"])

@@ -90,11 +90,8 @@ class Embedder:
         for start in range(0, len(sides), self.batch_size):
             prompts = [self.processor.encode(s) for s in sides[start : start + self.batch_size]]
             groups = self.rollout.generate(prompts, n=n, seed=seed + start, do_sample=do_sample)
-            expanded = [p for p in prompts for _ in range(n)]
             responses = [r for group in groups for r in group]
-            batch = pack_sequences(expanded, responses, self.processor.pad_id)
-            media = media_inputs(expanded)
-            out = self.policy(**self._to_device(batch), **self._to_device(media), with_entropy=False)
+            out = self._forward([p for p in prompts for _ in range(n)], responses)
             parts["disc"].append(out["disc_embeddings"].cpu())
             parts["gen"].append(out["embeddings"].cpu())
             parts["has"].append(out["has_gen_emb"].cpu())
@@ -105,3 +102,22 @@ class Embedder:
             responses=parts["texts"],
             has_gen_emb=torch.cat(parts["has"]),
         )
+
+    @torch.no_grad()
+    def embed_responses(self, sides: list[Side], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generative embeddings of given response texts, one per side, teacher-forced (no generation):
+        (N, D) L2-normalised and (N,) has_gen_emb."""
+        gen, has = [], []
+        for start in range(0, len(sides), self.batch_size):
+            prompts = [self.processor.encode(s) for s in sides[start : start + self.batch_size]]
+            texts = responses[start : start + self.batch_size]
+            ids = [self.processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            out = self._forward(prompts, ids)
+            gen.append(out["embeddings"].cpu())
+            has.append(out["has_gen_emb"].cpu())
+        return torch.cat(gen), torch.cat(has)
+
+    def _forward(self, prompts: list, responses: list[list[int]]) -> dict[str, torch.Tensor]:
+        batch = pack_sequences(prompts, responses, self.processor.pad_id)
+        media = media_inputs(prompts)
+        return self.policy(**self._to_device(batch), **self._to_device(media), with_entropy=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -37,7 +38,9 @@ from ume_r1.metrics import METRICS, aggregate, chance_level, instance_score, mea
 from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.processor import UMEProcessor
 from ume_r1.report import results_markdown, write_outputs, write_text
+from ume_r1.step_metrics import reasoning_sensitivity
 from ume_r1.synthetic import SIDE, write_atomic
+from ume_r1.template import swap_reasoning
 
 log = logging.getLogger("ume_r1.evaluate")
 
@@ -45,8 +48,14 @@ EVAL_SCHEMA = pa.schema([("query", SIDE), ("candidates", pa.list_(SIDE)), ("labe
 EVAL_COLUMNS = {"query", "candidates", "labels"}
 MODES = ("disc", "gen")
 CROSS_MODES = (("gen", "disc"), ("disc", "gen"))  # (query mode, candidate mode): scores gen2disc, disc2gen
-# Synthetic task -> (MMEB meta-task, metric); MMEB scores image tasks with Hit@1.
-SYNTHETIC_TASKS = {"classification": ("CLS", "hit@1"), "vqa": ("QA", "hit@1"), "retrieval": ("RET", "hit@1")}
+# Synthetic task -> (MMEB meta-task, metric); MMEB scores image tasks with Hit@1. The last four are
+# ume_r1.synthetic_reasoning's tasks, questions about an image: MMEB's VQA meta-task.
+SYNTHETIC_TASKS = {
+    "classification": ("CLS", "hit@1"),
+    "vqa": ("QA", "hit@1"),
+    "retrieval": ("RET", "hit@1"),
+    **{task: ("QA", "hit@1") for task in ("count", "compare", "spatial", "compose")},
+}
 
 
 @dataclass
@@ -333,6 +342,7 @@ def evaluate(
         results["generation"] = {
             "format_rate": emb.format_rate(),
             "gen_emb_rate": float(emb.has_gen_emb.float().mean()) if emb.has_gen_emb is not None else 0.0,
+            "reasoning_sensitivity": reasoning_probe(embedder, table.sides, emb),
             "examples": responses[:3],
         }
     if pass_k_samples:
@@ -349,6 +359,22 @@ def evaluate(
         )
         results["pass_at_k"]["temperature"] = temperature
     return results
+
+
+def reasoning_probe(embedder: Embedder, sides: list[Side], emb: Embeddings) -> float | None:
+    """Reasoning sensitivity of the greedy generations: the mean cosine between each side's generative
+    embedding and that of its own response with the <think> text of the next side's response
+    (ume_r1.step_metrics.reasoning_sensitivity; 1: the reasoning does not move the embedding).
+    None when no response has both a <think> block and a <gen_emb>."""
+    texts = emb.responses or []
+    swapped = [swap_reasoning(text, texts[(i + 1) % len(texts)]) for i, text in enumerate(texts)]
+    kept = [i for i, text in enumerate(swapped) if text is not None]
+    if not kept or emb.gen is None or emb.has_gen_emb is None:
+        return None
+    probe, probe_has = embedder.embed_responses([sides[i] for i in kept], [swapped[i] for i in kept])
+    valid = probe_has & emb.has_gen_emb[kept]
+    value = reasoning_sensitivity(emb.gen[kept], probe, valid)
+    return None if math.isnan(value) else value
 
 
 def _pass_at_k(

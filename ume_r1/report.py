@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,10 @@ def write_text(path: str, text: str) -> None:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _cosine(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -77,7 +83,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"format rate (greedy): {_pct(gen['format_rate'])}%; "
-            f"responses with <gen_emb>: {_pct(gen['gen_emb_rate'])}%",
+            f"responses with <gen_emb>: {_pct(gen['gen_emb_rate'])}%; "
+            f"reasoning sensitivity (cosine, 1: the <think> text does not matter): "
+            f"{_cosine(gen.get('reasoning_sensitivity'))}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -178,6 +186,47 @@ def summary_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n\nAll figures in %, means over the evaluation datasets.\n"
 
 
+def gen_hits(results: dict[str, Any]) -> np.ndarray:
+    """Per-query greedy generative hits over all datasets, in the results' dataset order."""
+    return np.concatenate(
+        [np.asarray(results["per_query"]["gen"][d["name"]], float) for d in results["datasets"]]
+    )
+
+
+@dataclass
+class Change:
+    """A paired change in greedy gen Hit@1 (points) between two evaluations of the same queries."""
+
+    points: float
+    se: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.points:+.1f} ± {self.se:.1f}"
+
+
+def paired_change(before: dict[str, Any], after: dict[str, Any]) -> Change:
+    """after - before in points, with the standard error of the mean per-query difference."""
+    a, b = gen_hits(before), gen_hits(after)
+    if a.shape != b.shape:
+        raise ValueError(f"the two evaluations cover different queries ({a.size} vs {b.size})")
+    diff = 100 * (b - a)
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return Change(float(diff.mean()), se, int(diff.size))
+
+
+def lift_line(before: str, after: str, runs: dict[str, dict]) -> str:
+    """Whether stage `after` lifted greedy generative Hit@1 over stage `before`, said plainly: a lift
+    is a paired change above two standard errors."""
+    change = paired_change(runs[before], runs[after])
+    lifted = change.points > 2 * change.se
+    verdict = "lifted" if lifted else "did NOT lift"
+    return (
+        f"{after} vs {before}: greedy gen Hit@1 change {change} points (paired SE, {change.n} queries): "
+        f"{after} {verdict} generative retrieval{'' if lifted else ' (not above two standard errors)'}.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = {stage_name(p): json.loads(p.read_text()) for p in args.results}
     table = summary_table(runs)
+    stages = list(runs)
+    if len(stages) >= 2 and all(r.get("per_query", {}).get("gen") for r in runs.values()):
+        table += "\n" + lift_line(stages[0], stages[-1], runs)
     print(table)
     if args.out:
         args.out.write_text(table)
