@@ -7,7 +7,9 @@ both sets of responses (teacher forced), so four Hit@1 figures result:
     model A on A's text   (A's own evaluation)        model B on A's text   (representation drift)
     model A on B's text   (text change)               model B on B's text   (B's own evaluation)
 
-Deltas against A-on-A are paired over the same queries, with their standard errors.
+Deltas against A-on-A are paired over the same queries, with their standard errors. It also prints
+how often each model's greedy summary of a query (the `<answer>` text) equals its summary of the
+query's relevant candidate: whether the reasoning reaches the right answer, apart from the embedding.
 
     PATH=.venv/bin:$PATH .venv/bin/python benchmarks/rl_text_or_drift.py SFT_DIR GRPO_DIR EVAL_YAML \
         [--max-pixels 3136] [--max-new-tokens 64]
@@ -16,6 +18,7 @@ Deltas against A-on-A are paired over the same queries, with their standard erro
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +36,12 @@ from ume_r1.rollout import rollout_config  # noqa: E402
 from ume_r1.rollout.hf import HFRollout  # noqa: E402
 
 BATCH = 32
+SUMMARY_RE = re.compile(r"<answer>(.*?)(?:</answer>)?\s*<gen_emb>", re.DOTALL)
+
+
+def summary(text: str) -> str | None:
+    found = SUMMARY_RE.search(text)
+    return found[1].strip() if found else None
 
 
 def main() -> None:
@@ -101,6 +110,14 @@ def main() -> None:
     same = np.mean([a == b for a, b in zip(texts["A"], texts["B"], strict=True)])
     print(f"A = {args.model_a}\nB = {args.model_b}")
     print(f"{len(prompts)} distinct sides; greedy responses identical between A and B: {100 * same:.1f}%")
+    for name in ("A", "B"):
+        said = [summary(processor.tokenizer.decode(r)) for r in texts[name]]
+        agree = [
+            said[q] is not None and said[q] == said[cands[row.labels[0]]]
+            for d in datasets
+            for q, cands, row in zip(queries[d.spec.name], candidates[d.spec.name], d.rows, strict=True)
+        ]
+        print(f"{name}: a query's summary equals its relevant candidate's: {100 * np.mean(agree):.1f}%")
     base = hits(embed(models["A"], texts["A"]))
     print("| model | text | gen Hit@1 | delta vs A on A (paired SE) |\n|---|---|---|---|")
     for model, text in (("A", "A"), ("B", "A"), ("A", "B"), ("B", "B")):

@@ -80,10 +80,13 @@ def test_ablation_table_verdict_and_outputs(tmp_path: Path, capsys) -> None:
     assert f"{np.mean(mean_gen):.1f} ± {np.std(mean_gen, ddof=1):.1f}" in table
 
     said = verdict(sft, runs)
-    assert "NOT MET" in said  # seed 3 did not lift
+    assert "): MET (mean change +20.8; 2 of 3 seeds reach it alone)" in said  # (31.25 + 31.25 + 0) / 3
     assert "ranking_x_gap >= gap: holds" in said
-    runs["ranking_x_gap"] = runs["ranking_x_gap"][:2]
-    assert "): MET" in verdict(sft, runs)
+    runs["ranking_x_gap"] = runs["ranking_x_gap"][2:] * 2  # two seeds without a change
+    assert "): NOT MET (mean change +0.0; 0 of 2 seeds reach it alone)" in verdict(sft, runs)
+    assert "ranking_x_gap >= gap: holds (25.0 vs 25.0)" in verdict(sft, runs)
+    runs["gap"] = [runs["gap"][0], *load_runs(tmp_path)[1]["ranking_x_gap"][:1]]
+    assert "ranking_x_gap >= gap: does NOT hold" in verdict(sft, runs)
 
     main([str(tmp_path)])
     assert "| ranking_x_gap | 3 |" in capsys.readouterr().out

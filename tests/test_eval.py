@@ -394,6 +394,7 @@ def test_evaluate_end_to_end(tiny_model_dir: str, synthetic_dir: dict[str, str],
 
     pk = results["pass_at_k"]
     assert pk["k"] == [1, 2, 3] and pk["mean"] == sorted(pk["mean"])
+    assert -1 <= pk["within_query_cosine"] <= 1 + 1e-6
     for name in names:
         counts = pk["hits_per_query"][name]
         assert pk["per_dataset"][name][0] == pytest.approx(np.mean(counts) / n)

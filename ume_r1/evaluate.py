@@ -38,7 +38,7 @@ from ume_r1.metrics import METRICS, aggregate, chance_level, instance_score, mea
 from ume_r1.model import load_model, resolve_device, resolve_dtype
 from ume_r1.processor import UMEProcessor
 from ume_r1.report import results_markdown, write_outputs, write_text
-from ume_r1.step_metrics import reasoning_sensitivity
+from ume_r1.step_metrics import reasoning_sensitivity, within_group_cosine
 from ume_r1.synthetic import SIDE, write_atomic
 from ume_r1.template import swap_reasoning
 
@@ -409,6 +409,10 @@ def _pass_at_k(
         "n_queries": used,
         "hits_per_query": hits_out,  # c out of n per query, the estimator's input
         "sampled_format_rate": sampled.format_rate(),
+        # how alike a query's n sampled embeddings are (1: the samples collapsed to one response)
+        "within_query_cosine": within_group_cosine(
+            sampled.gen.float(), torch.arange(len(distinct)).repeat_interleave(n)
+        ),
     }
 
 

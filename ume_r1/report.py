@@ -71,7 +71,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"pass@k: generative Hit@1 over n={pk['n']} samples per query, temperature {pk['temperature']}, "
-            "unbiased estimator (mean of datasets)",
+            "unbiased estimator (mean of datasets); mean cosine among a query's samples: "
+            f"{_cosine(pk.get('within_query_cosine'))}",
             "",
             "| | " + " | ".join(f"k={k}" for k in pk["k"]) + " |",
             "|---|" + "---:|" * len(pk["k"]),
