@@ -4,7 +4,11 @@
 # mode over several seeds, each evaluated on the same held-out queries, then one table and a PNG of
 # the reward curves (ume_r1.ablation). About 35 minutes on 2 cores with the defaults.
 # Environment: PYTHON (default python3), OUT (runs/ablate), SEEDS ("1 2 3"),
-# MODES ("ranking_x_gap ranking gap threshold"), STEPS (GRPO steps, 30), PASS_K (4).
+# MODES ("ranking_x_gap ranking gap threshold"), STEPS (GRPO steps, 30), PASS_K (4). A seed is
+# trainer.seed (rollout sampling and initialisation of everything random in the RL stage); the data
+# order (data.seed) and the SFT checkpoint are shared by all runs, so the runs differ only by the RL
+# stage itself. GRPO_OVERRIDES: more Hydra overrides for every GRPO run, e.g.
+# GRPO_OVERRIDES="reward.kwargs.format_weight=0" (the embedding term alone).
 # A run whose evaluation exists is not repeated: after a kill, the same command finishes the sweep.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +18,7 @@ SEEDS="${SEEDS:-1 2 3}"
 MODES="${MODES:-ranking_x_gap ranking gap threshold}"
 STEPS="${STEPS:-30}"
 PASS_K="${PASS_K:-4}"
+GRPO_OVERRIDES="${GRPO_OVERRIDES:-}"
 ART=artifacts
 DATA="$ART/reasoning"
 export WANDB_MODE="${WANDB_MODE:-offline}"
@@ -43,7 +48,8 @@ for seed in $SEEDS; do
         PYTHON="$PYTHON" bash recipes/ume_r1_grpo.sh profile=tiny model.path="$OUT/sft/final" \
             data.train_files="$DATA/train.parquet" trainer.default_local_dir="$OUT/$run" trainer.resume_mode=disable \
             trainer.seed="$seed" reward.kwargs.mode="$mode" trainer.total_training_steps="$STEPS" \
-            trainer.save_freq=-1 rollout.response_length=64 "trainer.logger=[console]" > "$OUT/$run.log" 2>&1
+            trainer.save_freq=-1 rollout.response_length=64 "trainer.logger=[console]" $GRPO_OVERRIDES \
+            > "$OUT/$run.log" 2>&1
         evaluate "$OUT/$run/final" "$OUT/eval_$run"
     done
 done
