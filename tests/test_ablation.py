@@ -48,7 +48,9 @@ def test_lift_line_says_lifted_only_above_two_standard_errors() -> None:
     flat = _results([0, 1, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 1, 0])  # one query swaps a hit for a miss
     assert "grpo lifted" in lift_line("sft", "grpo", {"sft": SFT, "grpo": lifted})
     line = lift_line("sft", "grpo", {"sft": SFT, "grpo": flat})
-    assert "did NOT lift" in line and "+0.0" in line
+    assert "did NOT lift" in line and "+0.0" in line and "within two standard errors" in line
+    runs = {"sft": _results([1] * 8, [1] * 7 + [0]), "grpo": _results([0] * 8, [0] * 8)}
+    assert "it LOWERED it" in lift_line("sft", "grpo", runs)
 
 
 def _write_sweep(root: Path, seeds_hits: dict[str, list[tuple[list[int], list[int]]]]) -> None:

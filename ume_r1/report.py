@@ -218,13 +218,17 @@ def paired_change(before: dict[str, Any], after: dict[str, Any]) -> Change:
 
 def lift_line(before: str, after: str, runs: dict[str, dict]) -> str:
     """Whether stage `after` lifted greedy generative Hit@1 over stage `before`, said plainly: a lift
-    is a paired change above two standard errors."""
+    (or a drop) is a paired change beyond two standard errors."""
     change = paired_change(runs[before], runs[after])
-    lifted = change.points > 2 * change.se
-    verdict = "lifted" if lifted else "did NOT lift"
+    if change.points > 2 * change.se:
+        verdict = "lifted generative retrieval"
+    elif change.points < -2 * change.se:
+        verdict = "did NOT lift generative retrieval: it LOWERED it (beyond two standard errors)"
+    else:
+        verdict = "did NOT lift generative retrieval (the change is within two standard errors)"
     return (
         f"{after} vs {before}: greedy gen Hit@1 change {change} points (paired SE, {change.n} queries): "
-        f"{after} {verdict} generative retrieval{'' if lifted else ' (not above two standard errors)'}.\n"
+        f"{after} {verdict}.\n"
     )
 
 
