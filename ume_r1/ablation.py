@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ume_r1.report import _atomic, gen_hits, paired_change, write_text
+from ume_r1.report import gen_hits, paired_change, save_figure, write_text
 
 MODES = ("ranking_x_gap", "ranking", "gap", "threshold")  # the paper's row order; rewards/ume.py's names
 CURVES = (
@@ -155,8 +155,7 @@ def plot_reward_curves(runs: dict[str, list[Run]], path: str) -> None:
         ax.set(xlabel="step", title=title)
     axes[0].legend(fontsize=7)
     fig.suptitle("GRPO from one SFT checkpoint: mean over seeds, min..max shaded", fontsize=9)
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

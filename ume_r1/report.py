@@ -91,7 +91,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig: Any, path: str) -> None:
+def save_figure(fig: Any, path: str) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
@@ -113,7 +114,7 @@ def plot_pass_at_k(results: dict[str, Any], path: str) -> None:
     ax.set(xlabel="k", ylabel="pass@k (%)", title=f"pass@k, n={pk['n']}, T={pk['temperature']}")
     ax.set_xticks(pk["k"])
     ax.legend(fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_modes(results: dict[str, Any], path: str) -> None:
@@ -138,7 +139,7 @@ def plot_modes(results: dict[str, Any], path: str) -> None:
     ax.set_xticks(x, groups)
     ax.set(ylabel="score (%)", title="discriminative vs generative vs oracle")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def write_outputs(results: dict[str, Any], out_dir: str) -> dict[str, str]:
