@@ -40,6 +40,7 @@ from ume_r1.processor import UMEProcessor
 from ume_r1.report import results_markdown, write_outputs, write_text
 from ume_r1.step_metrics import reasoning_sensitivity, within_group_cosine
 from ume_r1.synthetic import SIDE, write_atomic
+from ume_r1.synthetic_reasoning import REASONING_TASKS
 from ume_r1.template import swap_reasoning
 
 log = logging.getLogger("ume_r1.evaluate")
@@ -48,13 +49,13 @@ EVAL_SCHEMA = pa.schema([("query", SIDE), ("candidates", pa.list_(SIDE)), ("labe
 EVAL_COLUMNS = {"query", "candidates", "labels"}
 MODES = ("disc", "gen")
 CROSS_MODES = (("gen", "disc"), ("disc", "gen"))  # (query mode, candidate mode): scores gen2disc, disc2gen
-# Synthetic task -> (MMEB meta-task, metric); MMEB scores image tasks with Hit@1. The last four are
-# ume_r1.synthetic_reasoning's tasks, questions about an image: MMEB's VQA meta-task.
+# Synthetic task -> (MMEB meta-task, metric); MMEB scores image tasks with Hit@1. The reasoning tasks
+# are questions about an image: MMEB's VQA meta-task.
 SYNTHETIC_TASKS = {
     "classification": ("CLS", "hit@1"),
     "vqa": ("QA", "hit@1"),
     "retrieval": ("RET", "hit@1"),
-    **{task: ("QA", "hit@1") for task in ("count", "compare", "spatial", "compose")},
+    **{task: ("QA", "hit@1") for task in REASONING_TASKS},
 }
 
 
