@@ -31,14 +31,14 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-$(SYNTHETIC)/train.parquet: $(BIN)/.installed ume_r1/synthetic.py
-	$(BIN)/python -m ume_r1.synthetic --out $(SYNTHETIC)
+$(SYNTHETIC)/train.parquet: $(BIN)/.installed ume_r1/synthetic/shapes.py
+	$(BIN)/python -m ume_r1.synthetic.shapes --out $(SYNTHETIC)
 
-$(TINY_MODEL)/config.json: $(BIN)/.installed ume_r1/model.py
-	$(BIN)/python -m ume_r1.model --out $(TINY_MODEL)
+$(TINY_MODEL)/config.json: $(BIN)/.installed ume_r1/model/tiny.py
+	$(BIN)/python -m ume_r1.model.tiny --out $(TINY_MODEL)
 
-$(SYNTHETIC_SFT)/sft_train.parquet: $(BIN)/.installed ume_r1/synthetic.py sft/synthetic_cot.py
-	$(BIN)/python -m sft.synthetic_cot --out $(SYNTHETIC_SFT)
+$(SYNTHETIC_SFT)/sft_train.parquet: $(BIN)/.installed ume_r1/synthetic/shapes.py ume_r1/synthetic/shapes_sft.py
+	$(BIN)/python -m ume_r1.synthetic.shapes_sft --out $(SYNTHETIC_SFT)
 
 data: $(SYNTHETIC)/train.parquet
 sft-data: $(SYNTHETIC_SFT)/sft_train.parquet

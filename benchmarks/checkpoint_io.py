@@ -1,4 +1,4 @@
-"""Size and save/load time of a training-state checkpoint (ume_r1.checkpoint: DCP-sharded model and
+"""Size and save/load time of a training-state checkpoint (ume_r1.training.checkpoint: DCP-sharded model and
 AdamW state of an FSDP2 policy, one gloo rank on CPU), beside the HF export of the same weights.
 
 Models: the tiny test model, and random Qwen2-VL-2B shapes (real vocabulary 151,936, hidden 1536)
@@ -35,10 +35,11 @@ def measure(name: str, repeats: int, root: Path) -> dict:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ume_r1.checkpoint import load_sharded, save_sharded
-    from ume_r1.fsdp import init_distributed, save_hf_checkpoint, shard
-    from ume_r1.model import build_tiny_model, load_model
-    from ume_r1.policy import EmbeddingPolicy
+    from ume_r1.model.hf_checkpoint import load_model
+    from ume_r1.model.policy import EmbeddingPolicy
+    from ume_r1.model.tiny import build_tiny_model
+    from ume_r1.training.checkpoint import load_sharded, save_sharded
+    from ume_r1.training.fsdp import init_distributed, save_hf_checkpoint, shard
 
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = None

@@ -35,7 +35,7 @@ import contextlib
 
 from grpo_tiny import TreeSampler  # noqa: E402
 
-from ume_r1.template import assistant_text  # noqa: E402
+from ume_r1.data.template import assistant_text
 
 REPO = Path(__file__).resolve().parent.parent
 OLD = "66e1f43"  # the last commit whose loaders decoded every image at load

@@ -37,8 +37,8 @@ def one_step(variant: str, length: int, responses: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import ume_r1.policy as policy_module
-    from ume_r1.model import enable_gradient_checkpointing
+    import ume_r1.model.policy as policy_module
+    from ume_r1.model.device import enable_gradient_checkpointing
 
     model, vocab = cut_2b(layers=2)
     if variant == "before":
@@ -78,11 +78,11 @@ def one_batch(variant: str, budget: int, rows_per_micro: int) -> dict:
     longest row (`actor.use_dynamic_bsz`). Both with chunked log-probs and gradient checkpointing."""
     import torch
 
-    from ume_r1.batch import pack_sequences
-    from ume_r1.micro_batch import plan_micro_batches, row_lengths, trim
-    from ume_r1.model import enable_gradient_checkpointing
-    from ume_r1.policy import EmbeddingPolicy
-    from ume_r1.processor import EncodedPrompt
+    from ume_r1.data.collate import pack_sequences
+    from ume_r1.data.processor import EncodedPrompt
+    from ume_r1.model.device import enable_gradient_checkpointing
+    from ume_r1.model.policy import EmbeddingPolicy
+    from ume_r1.training.micro_batches import plan_micro_batches, row_lengths, trim
 
     model, vocab = cut_2b(layers=2)
     enable_gradient_checkpointing(model, True, torch.device("cpu"))

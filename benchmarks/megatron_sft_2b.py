@@ -20,9 +20,11 @@ import torch
 from qwen2_vl_shapes import QWEN2_VL
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from sft.synthetic_cot import make_synthetic_sft
-from ume_r1.model import add_ume_tokens, build_tiny_model, load_tokenizer
-from ume_r1.template import ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from ume_r1.data.processor import load_tokenizer
+from ume_r1.data.template import ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from ume_r1.model.hf_checkpoint import add_ume_tokens
+from ume_r1.model.tiny import build_tiny_model
+from ume_r1.synthetic.shapes_sft import make_synthetic_sft
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

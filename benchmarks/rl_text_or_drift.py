@@ -27,12 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ume_r1.batch import media_inputs, pack_sequences  # noqa: E402
-from ume_r1.evaluate import SideTable, load_config, load_dataset, score_queries  # noqa: E402
-from ume_r1.model import load_model  # noqa: E402
-from ume_r1.policy import EmbeddingPolicy  # noqa: E402
-from ume_r1.processor import UMEProcessor  # noqa: E402
-from ume_r1.rollout import rollout_config  # noqa: E402
+from ume_r1.data.collate import media_inputs, pack_sequences
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.eval.datasets import SideTable, load_config, load_dataset
+from ume_r1.eval.evaluate import score_queries
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.policy import EmbeddingPolicy
+from ume_r1.rollout.factory import rollout_config
 from ume_r1.rollout.hf import HFRollout  # noqa: E402
 
 BATCH = 32

@@ -36,11 +36,11 @@ def load_line() -> str:
 def throughput(rounds: int, work: Path) -> None:
     import torch
 
-    from ume_r1.data import load_examples
-    from ume_r1.model import build_tiny_model
-    from ume_r1.processor import UMEProcessor
-    from ume_r1.rollout import make_engine, rollout_config
-    from ume_r1.synthetic import make_synthetic
+    from ume_r1.data.processor import UMEProcessor
+    from ume_r1.data.rl_rows import load_examples
+    from ume_r1.model.tiny import build_tiny_model
+    from ume_r1.rollout.factory import make_engine, rollout_config
+    from ume_r1.synthetic.shapes import make_synthetic
 
     model = build_tiny_model(work / "tiny", seed=0)
     data = make_synthetic(str(work / "synthetic"), seed=0, n_train=16, n_test=4)
@@ -94,11 +94,11 @@ LAYOUTS = {
 def layouts(rounds: int, steps: int, work: Path, extra: list[str]) -> None:
     model, data = work / "tiny", work / "synthetic"
     if not (model / "config.json").is_file():
-        from ume_r1.model import build_tiny_model
+        from ume_r1.model.tiny import build_tiny_model
 
         build_tiny_model(model, seed=0)
     if not (data / "train.parquet").is_file():
-        from ume_r1.synthetic import make_synthetic
+        from ume_r1.synthetic.shapes import make_synthetic
 
         make_synthetic(str(data), seed=0)
     runs: dict[str, list[dict]] = {name: [] for name in LAYOUTS}

@@ -40,8 +40,8 @@ def make_inputs(root: Path) -> tuple[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ume_r1.model import build_tiny_model
-    from ume_r1.synthetic import SCHEMA
+    from ume_r1.data.rl_rows import RL_SCHEMA
+    from ume_r1.model.tiny import build_tiny_model
 
     model = build_tiny_model(root / "model", seed=0)
     side = lambda text: {"text": text, "images": [], "video": []}  # noqa: E731
@@ -56,7 +56,7 @@ def make_inputs(root: Path) -> tuple[str, str]:
         for t in THINGS
     ]
     path = root / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=RL_SCHEMA), path)
     return model, str(path)
 
 
@@ -76,6 +76,12 @@ def ensure_trl() -> None:
             ],
             check=True,
         )
+
+
+def trainer_module(tree: Path) -> str:
+    """The GRPO entry point of a source tree: ume_r1.grpo.trainer, or ume_r1.trainer before the package
+    moved into subpackages (a --before revision)."""
+    return "ume_r1.grpo.trainer" if (tree / "ume_r1" / "grpo" / "trainer.py").is_file() else "ume_r1.trainer"
 
 
 def run_ours(model: str, data: str, steps: int, layout: str, out: Path, tree: Path = REPO) -> dict:
@@ -102,7 +108,7 @@ def run_ours(model: str, data: str, steps: int, layout: str, out: Path, tree: Pa
         *layouts[layout],
     ]
     subprocess.run(
-        [sys.executable, "-m", "ume_r1.trainer", *overrides],
+        [sys.executable, "-m", trainer_module(tree), *overrides],
         cwd=tree,
         check=True,
         stdout=subprocess.DEVNULL,
@@ -124,13 +130,14 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from ume_r1.batch import pack_sequences
-from ume_r1.data import load_examples
-from ume_r1.grouping import plan_prompts
-from ume_r1.model import load_model
-from ume_r1.policy import EmbeddingPolicy
-from ume_r1.processor import UMEProcessor
-from ume_r1.reward_api import RewardBatch, load_reward
+from ume_r1.data.collate import pack_sequences
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.rl_rows import load_examples
+from ume_r1.grpo.grouping import plan_prompts
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.policy import EmbeddingPolicy
+from ume_r1.reward.batch import RewardBatch
+from ume_r1.reward.registry import load_reward
 
 model_dir, data, steps, pairs, g, new_tokens, lr, kl, seed, out = sys.argv[1:]
 steps, pairs, g, new_tokens, seed = int(steps), int(pairs), int(g), int(new_tokens), int(seed)

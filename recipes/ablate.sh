@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's reward ablation (table 2) on a CPU, on the tasks where reasoning decides the answer
-# (ume_r1.synthetic_reasoning): one cold-start SFT checkpoint, then GRPO from it with each reward
+# (ume_r1.synthetic.reasoning): one cold-start SFT checkpoint, then GRPO from it with each reward
 # mode over several seeds, each evaluated on the same held-out queries, then one table and a PNG of
-# the reward curves (ume_r1.ablation). About 35 minutes on 2 cores with the defaults.
+# the reward curves (ume_r1.eval.ablation). About 35 minutes on 2 cores with the defaults.
 # Environment: PYTHON (default python3), OUT (runs/ablate), SEEDS ("1 2 3"),
 # MODES ("ranking_x_gap ranking gap threshold"), STEPS (GRPO steps, 30), PASS_K (4). A seed is
 # trainer.seed (rollout sampling and initialisation of everything random in the RL stage); the data
@@ -24,13 +24,13 @@ DATA="$ART/reasoning"
 export WANDB_MODE="${WANDB_MODE:-offline}"
 mkdir -p "$OUT"
 
-[ -f "$DATA/train.parquet" ] || "$PYTHON" -m ume_r1.synthetic_reasoning --out "$DATA"
-[ -f "$ART/tiny-qwen2-vl/config.json" ] || "$PYTHON" -m ume_r1.model --out "$ART/tiny-qwen2-vl"
-[ -f "$DATA/eval/eval.yaml" ] || "$PYTHON" -m ume_r1.evaluate --make-synthetic-config "$DATA/eval" \
+[ -f "$DATA/train.parquet" ] || "$PYTHON" -m ume_r1.synthetic.reasoning --out "$DATA"
+[ -f "$ART/tiny-qwen2-vl/config.json" ] || "$PYTHON" -m ume_r1.model.tiny --out "$ART/tiny-qwen2-vl"
+[ -f "$DATA/eval/eval.yaml" ] || "$PYTHON" -m ume_r1.eval.evaluate --make-synthetic-config "$DATA/eval" \
     --synthetic-test "$DATA/test.parquet"
 
 evaluate() {  # model dir, output dir
-    "$PYTHON" -m ume_r1.evaluate --model "$1" --config "$DATA/eval/eval.yaml" --out "$2" --pass-k "$PASS_K" \
+    "$PYTHON" -m ume_r1.eval.evaluate --model "$1" --config "$DATA/eval/eval.yaml" --out "$2" --pass-k "$PASS_K" \
         --pass-k-max-queries 16 --max-new-tokens 64 --batch-size 32 --device cpu > "$2.log" 2>&1
 }
 
@@ -53,4 +53,4 @@ for seed in $SEEDS; do
         evaluate "$OUT/$run/final" "$OUT/eval_$run"
     done
 done
-"$PYTHON" -m ume_r1.ablation "$OUT"
+"$PYTHON" -m ume_r1.eval.ablation "$OUT"

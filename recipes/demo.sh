@@ -9,14 +9,14 @@ OUT="${OUT:-runs/demo}"
 PASS_K="${PASS_K:-8}"
 ART=artifacts
 
-[ -f "$ART/synthetic/train.parquet" ] || "$PYTHON" -m ume_r1.synthetic --out "$ART/synthetic"
-[ -f "$ART/synthetic_sft/sft_train.parquet" ] || "$PYTHON" -m sft.synthetic_cot --out "$ART/synthetic_sft"
-[ -f "$ART/tiny-qwen2-vl/config.json" ] || "$PYTHON" -m ume_r1.model --out "$ART/tiny-qwen2-vl"
-[ -f "$ART/eval/eval.yaml" ] || "$PYTHON" -m ume_r1.evaluate --make-synthetic-config "$ART/eval" \
+[ -f "$ART/synthetic/train.parquet" ] || "$PYTHON" -m ume_r1.synthetic.shapes --out "$ART/synthetic"
+[ -f "$ART/synthetic_sft/sft_train.parquet" ] || "$PYTHON" -m ume_r1.synthetic.shapes_sft --out "$ART/synthetic_sft"
+[ -f "$ART/tiny-qwen2-vl/config.json" ] || "$PYTHON" -m ume_r1.model.tiny --out "$ART/tiny-qwen2-vl"
+[ -f "$ART/eval/eval.yaml" ] || "$PYTHON" -m ume_r1.eval.evaluate --make-synthetic-config "$ART/eval" \
     --synthetic-test "$ART/synthetic/test.parquet"
 
 evaluate() {  # model dir, output dir
-    "$PYTHON" -m ume_r1.evaluate --model "$1" --config "$ART/eval/eval.yaml" --out "$2" \
+    "$PYTHON" -m ume_r1.eval.evaluate --model "$1" --config "$ART/eval/eval.yaml" --out "$2" \
         --pass-k "$PASS_K" --max-new-tokens 64 --batch-size 32 --device cpu
 }
 
@@ -27,4 +27,4 @@ PYTHON="$PYTHON" bash recipes/ume_r1_grpo.sh profile=tiny model.path="$OUT/sft/f
     data.train_files="$ART/synthetic/train.parquet" trainer.default_local_dir="$OUT/grpo" trainer.resume_mode=disable \
     rollout.response_length=64
 evaluate "$OUT/grpo/final" "$OUT/eval_grpo"
-"$PYTHON" -m ume_r1.report "$OUT/eval_sft/results.json" "$OUT/eval_grpo/results.json" --out "$OUT/summary.md"
+"$PYTHON" -m ume_r1.eval.report "$OUT/eval_sft/results.json" "$OUT/eval_grpo/results.json" --out "$OUT/summary.md"

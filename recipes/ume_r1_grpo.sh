@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
-exec "$PYTHON" -m ume_r1.trainer "$@"
+exec "$PYTHON" -m ume_r1.grpo.trainer "$@"

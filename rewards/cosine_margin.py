@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ume_r1.reward_api import RewardBatch
-from ume_r1.template import format_ok
+from ume_r1.data.template import format_ok
+from ume_r1.reward.batch import RewardBatch
 
 
 def compute_reward(batch: RewardBatch, margin_weight: float = 1.0) -> dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ume_r1.reward_api import RewardBatch
-from ume_r1.template import format_ok
+from ume_r1.data.template import format_ok
+from ume_r1.reward.batch import RewardBatch
 
 MODES = ("ranking_x_gap", "ranking", "gap", "threshold")
 

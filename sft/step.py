@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 
 from sft.losses import cross_mode_nce, info_nce, token_nll
-from ume_r1.batch import media_inputs, pack_sequences
-from ume_r1.data_files import TooLong
-from ume_r1.data_order import BatchOrder
-from ume_r1.policy import EmbeddingPolicy
-from ume_r1.processor import EncodedPrompt, UMEProcessor
-from ume_r1.row_batches import EncodedRows, RowBatch, row_batches
-from ume_r1.sft_data import SFTPair
+from ume_r1.data.batch_order import BatchOrder
+from ume_r1.data.collate import media_inputs, pack_sequences
+from ume_r1.data.files import TooLong
+from ume_r1.data.loader import EncodedRows, RowBatch, row_batches
+from ume_r1.data.processor import EncodedPrompt, UMEProcessor
+from ume_r1.data.sft_rows import SFTPair
+from ume_r1.model.policy import EmbeddingPolicy
 
 
 @dataclass
@@ -106,7 +106,7 @@ def pair_batches(
     world: int = 1,
 ) -> Iterator[RowBatch]:
     """The next `steps` batches of `order` (this rank's share), encoded in data workers under the
-    `data.*` length, bad-row and loader settings (`ume_r1.row_batches`)."""
+    `data.*` length, bad-row and loader settings (`ume_r1.data.loader`)."""
     truncation = data_cfg.truncation
     encode = partial(
         encode_pair, processor=processor, max_length=data_cfg.max_length, truncate=truncation == "truncate"
@@ -118,7 +118,7 @@ def pair_batches(
 
 def encode_pairs(pairs: Sequence[SFTPair], processor: UMEProcessor) -> EncodedPairs:
     """Pairs encoded here and now, within the processor's length limit (evaluation and tests; training
-    encodes in data workers, `ume_r1.row_batches`)."""
+    encodes in data workers, `ume_r1.data.loader`)."""
     return EncodedPairs.concat([encode_pair(p, processor, processor.max_prompt_length)[0] for p in pairs])
 
 

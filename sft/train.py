@@ -20,7 +20,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import get_cosine_schedule_with_warmup
 
 from sft.step import EncodedPairs, pair_batches, sft_step
-from ume_r1.checkpoint import (
+from ume_r1.data.batch_order import BatchOrder
+from ume_r1.data.loader import BadRowCounts, gathered
+from ume_r1.data.media import MediaLimits
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.sft_rows import SFTPair, load_sft_pairs
+from ume_r1.eval.embed import Embedder
+from ume_r1.eval.metrics import chance_level, hit_at_1, mean
+from ume_r1.model.device import enable_gradient_checkpointing, resolve_device, resolve_dtype
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.policy import EmbeddingPolicy
+from ume_r1.training.checkpoint import (
     SHARDS,
     CheckpointDir,
     load_sharded,
@@ -29,18 +39,9 @@ from ume_r1.checkpoint import (
     save_all_ranks,
     save_sharded,
 )
-from ume_r1.data_order import BatchOrder
-from ume_r1.embed import Embedder
-from ume_r1.fsdp import clip_and_step, init_distributed, save_hf_checkpoint, shard_from_rank0
-from ume_r1.logger import keep_metrics
-from ume_r1.media import MediaLimits
-from ume_r1.metrics import chance_level, hit_at_1, mean
-from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
-from ume_r1.policy import EmbeddingPolicy
-from ume_r1.preflight import check_output_dir, checkpoint_bytes
-from ume_r1.processor import UMEProcessor
-from ume_r1.row_batches import BadRowCounts, gathered
-from ume_r1.sft_data import SFTPair, load_sft_pairs
+from ume_r1.training.fsdp import clip_and_step, init_distributed, save_hf_checkpoint, shard_from_rank0
+from ume_r1.training.metric_logger import keep_metrics
+from ume_r1.training.preflight import check_output_dir, checkpoint_bytes
 
 
 def batch_order(num_pairs: int, global_batch: int, seed: int, shuffle: bool) -> BatchOrder:

@@ -1,22 +1,33 @@
-"""Shared fixtures: a tiny Qwen2-VL checkpoint and a small synthetic data set, built once per session."""
+"""Shared fixtures and helpers: a tiny Qwen2-VL checkpoint and small synthetic data sets built once per
+session, a processor and model on it, in-process learners and batches, and writers of small inputs."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
+import ray
 import torch
 import torch.distributed as dist
+import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
 from verl import DataProto
 
-from sft.synthetic_cot import make_synthetic_sft
-from ume_r1.data import Side, load_examples
-from ume_r1.model import build_tiny_model
-from ume_r1.processor import UMEProcessor
-from ume_r1.synthetic import make_synthetic
-from ume_r1.trainer import build_sequences, learner_config
+from ume_r1.data.files import write_atomic
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.rl_rows import load_examples
+from ume_r1.data.rows import Side
+from ume_r1.eval.datasets import EVAL_SCHEMA
+from ume_r1.grpo.learner_batch import build_sequences
+from ume_r1.grpo.worker_groups import learner_config
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.tiny import build_tiny_model
+from ume_r1.synthetic.shapes import make_synthetic
+from ume_r1.synthetic.shapes_sft import make_synthetic_sft
 from workers.learner import LearnerWorker
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -53,21 +64,24 @@ def sft_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return make_synthetic_sft(str(tmp_path_factory.mktemp("sft_data")), seed=0, n_train=32, n_test=4)
 
 
+def compose_config(name: str, *overrides: str) -> DictConfig:
+    """configs/NAME.yaml with Hydra `overrides`, as the entry points compose it."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
 def make_learner(model_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> LearnerWorker:
     """A learner worker in this process under the tiny profile, joining the process group that the
     environment names (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT)."""
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(
-            config_name="grpo",
-            overrides=[
-                "profile=tiny",
-                f"model.path={model_dir}",
-                "data.train_files=unused",
-                "actor.optim.lr=1e-4",
-                "actor.ppo_mini_batch_size=null",
-                *overrides,
-            ],
-        )
+    cfg = compose_config(
+        "grpo",
+        "profile=tiny",
+        f"model.path={model_dir}",
+        "data.train_files=unused",
+        "actor.optim.lr=1e-4",
+        "actor.ppo_mini_batch_size=null",
+        *overrides,
+    )
     worker = LearnerWorker(learner_config(cfg))
     worker.init_model(model_dir)
     return worker
@@ -114,3 +128,39 @@ def mixed_batch(tiny_model_dir: str, synthetic_dir: dict[str, str]) -> tuple[UME
     responses = [[tok(w, add_special_tokens=False)["input_ids"] for w in group] for group in words]
     data, _ = build_sequences(prompts, responses, processor.pad_id)
     return processor, data
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir: str) -> UMEProcessor:
+    return UMEProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir: str):
+    model, tokenizer = load_model(tiny_model_dir)
+    return model.eval(), tokenizer
+
+
+def write_eval_set(path: Path, rows: list[dict]) -> str:
+    """An eval parquet file (EVAL_SCHEMA rows) at `path`."""
+    write_atomic(rows, str(path), EVAL_SCHEMA)
+    return str(path)
+
+
+def write_eval_config(path: Path, datasets: list[dict]) -> str:
+    """An eval config listing `datasets` at `path`."""
+    path.write_text(yaml.safe_dump({"datasets": datasets}))
+    return str(path)
+
+
+def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
+    """An RGB image of uniform random pixels, the same for the same seed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture
+def shutdown_ray():
+    """The local Ray a test's trainer starts is shut down after the test."""
+    yield
+    ray.shutdown()

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ume_r1.data import BadRowError, load_examples
-from ume_r1.data_files import DataFileError
-from ume_r1.media import MediaLimits, decode_image
-from ume_r1.sft_data import load_sft_pairs
+from ume_r1.data.files import DataFileError
+from ume_r1.data.media import MediaLimits, decode_image
+from ume_r1.data.rl_rows import load_examples
+from ume_r1.data.rows import BadRowError
+from ume_r1.data.sft_rows import load_sft_pairs
 
 FORMATS = ["parquet", "jsonl", "json"]
 
@@ -160,7 +161,7 @@ def test_sft_rows_load_from_jsonl(sft_dir, tmp_path):
 
 
 def test_data_check_cli_reports_rows_media_lengths_and_bad_rows(rows, tiny_model_dir, tmp_path, capsys):
-    from ume_r1.data_check import main
+    from ume_r1.data.check import main
 
     good = write_rows(rows, tmp_path / "good", "parquet")
     bad = tmp_path / "bad.jsonl"

@@ -3,223 +3,42 @@ generative embeddings taken from the generated response, input errors, and an en
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import shutil
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import write_eval_config, write_eval_set
 
-from ume_r1.batch import mm_token_type_ids
-from ume_r1.data import BadRowError, Side
-from ume_r1.embed import Embedder, Embeddings
-from ume_r1.evaluate import (
-    EVAL_SCHEMA,
-    EvalRow,
-    embed_sides,
-    evaluate,
-    load_config,
-    load_dataset,
-    main,
-    make_synthetic_eval,
-    reasoning_probe,
-    score_queries,
-)
-from ume_r1.metrics import (
-    aggregate,
-    chance_level,
-    hit_at_1,
-    ndcg_at_k,
-    oracle,
-    pass_at_k,
-    pass_at_k_curve,
-    pessimistic_ranking,
-)
-from ume_r1.model import _train_tiny_tokenizer, load_model
-from ume_r1.processor import UMEProcessor
-from ume_r1.report import write_outputs
-from ume_r1.synthetic import side_struct, write_atomic
-from ume_r1.template import assistant_text
+from ume_r1.data.collate import mm_token_type_ids
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.rows import BadRowError, Side
+from ume_r1.data.template import assistant_text
+from ume_r1.eval.datasets import EvalRow
+from ume_r1.eval.embed import Embedder, Embeddings
+from ume_r1.eval.evaluate import embed_sides, evaluate, main, reasoning_probe, score_queries
+from ume_r1.eval.report import write_outputs
+from ume_r1.eval.synthetic_config import make_synthetic_eval
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.tiny import _train_tiny_tokenizer
+from ume_r1.synthetic.shapes import side_struct
 
 # ------------------------------------------------------------------------------------------------ metrics
-
-
-def test_hit_at_1_hand_cases_and_strict_ties() -> None:
-    assert hit_at_1([0.1, 0.9, 0.3], [1]) == 1.0
-    assert hit_at_1([0.1, 0.9, 0.3], [2]) == 0.0
-    assert hit_at_1([0.1, 0.9, 0.3], [0, 1]) == 1.0  # any relevant item on top is a hit
-    # A relevant candidate tied with an irrelevant one loses the tie, whatever the candidate order.
-    assert hit_at_1([0.5, 0.5, 0.1], [0]) == 0.0
-    assert hit_at_1([0.5, 0.5, 0.1], [1]) == 0.0
-    assert hit_at_1([0.5, 0.5, 0.1], [0, 1]) == 1.0  # a tie among relevant items is still a hit
-    assert hit_at_1([0.7, 0.7, 0.7], [2]) == 0.0  # collapsed embeddings score 0, not chance
-    assert hit_at_1([0.3], [0]) == 1.0
-
-
-def test_ndcg_at_5_hand_cases() -> None:
-    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]  # candidate i has rank i + 1
-    assert ndcg_at_k(scores, [0]) == pytest.approx(1.0)
-    assert ndcg_at_k(scores, [2]) == pytest.approx(1 / math.log2(4))  # rank 3: 0.5
-    # Two relevant at ranks 1 and 3; ideal puts them at ranks 1 and 2.
-    assert ndcg_at_k(scores, [0, 2]) == pytest.approx((1 + 1 / 2) / (1 + 1 / math.log2(3)))
-    # A relevant item beyond rank 5 adds nothing to DCG but counts in the ideal DCG.
-    assert ndcg_at_k(scores, [5]) == 0.0
-    assert ndcg_at_k(scores, [1, 5]) == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
-    # More relevant items than k: the ideal DCG is capped at 5 terms, so a full top 5 scores 1.
-    assert ndcg_at_k(scores, list(range(7))) == pytest.approx(1.0)
-    assert ndcg_at_k(scores, [0, 1, 2, 3, 6]) == pytest.approx(
-        sum(1 / math.log2(r + 1) for r in (1, 2, 3, 4)) / sum(1 / math.log2(r + 1) for r in range(1, 6))
-    )
-    # Ties: the relevant candidate ranks below the irrelevant one it ties with.
-    assert pessimistic_ranking([0.5, 0.5, 0.1], [0]) == [1, 0, 2]
-    assert ndcg_at_k([0.5, 0.5, 0.1], [0]) == pytest.approx(1 / math.log2(3))
-
-
-@pytest.mark.parametrize("metric", ["hit@1", "ndcg@5"])
-@pytest.mark.parametrize(("n_candidates", "relevant"), [(4, [1]), (4, [0, 3]), (7, [2, 5, 6])])
-def test_chance_level_is_mean_over_all_rankings(metric: str, n_candidates: int, relevant: list[int]) -> None:
-    total = 0.0
-    perms = list(itertools.permutations(range(n_candidates)))
-    for perm in perms:  # scores without ties, every ranking equally likely
-        scores = [-float(perm.index(i)) for i in range(n_candidates)]
-        total += hit_at_1(scores, relevant) if metric == "hit@1" else ndcg_at_k(scores, relevant)
-    assert chance_level(metric, n_candidates, len(relevant)) == pytest.approx(total / len(perms))
 
 
 # ------------------------------------------------------------------------------------------------- pass@k
 
 
-def _enumerated_pass_at_k(hits: list[bool], k: int) -> Fraction:
-    subsets = list(itertools.combinations(range(len(hits)), k))
-    return Fraction(sum(any(hits[i] for i in s) for s in subsets), len(subsets))
-
-
-def test_pass_at_k_equals_enumeration() -> None:
-    for n in range(1, 7):
-        for c in range(n + 1):
-            hits = [True] * c + [False] * (n - c)
-            for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(float(_enumerated_pass_at_k(hits, k)), abs=1e-12)
-    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 5, 1) == 1.0
-    assert pass_at_k(8, 2, 1) == pytest.approx(2 / 8)  # pass@1 is the sample hit rate
-
-
-def test_pass_at_k_is_stable_for_large_n() -> None:
-    # C(1000, 500) has ~300 digits; the product form must still match the exact rational value.
-    n, c, k = 1000, 3, 500
-    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
-    assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12)
-    with pytest.raises(ValueError, match="k <= n"):
-        pass_at_k(4, 1, 5)
-
-
-def test_pass_at_k_curve_averages_queries() -> None:
-    hits = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
-    curve = pass_at_k_curve(hits)
-    for k in range(1, 5):
-        expected = np.mean([float(_enumerated_pass_at_k(list(row), k)) for row in hits])
-        assert curve[k - 1] == pytest.approx(expected)
-    assert curve[0] == pytest.approx(hits.mean()) and curve == sorted(curve)
-
-
 # ----------------------------------------------------------------------------------------- oracle, means
 
 
-def test_oracle_picks_per_instance() -> None:
-    disc = [1.0, 0.0, 1.0, 0.0, 0.5]
-    gen = [0.0, 1.0, 1.0, 0.0, 0.8]
-    picked = oracle(disc, gen)
-    assert picked.tolist() == [1.0, 1.0, 1.0, 0.0, 0.8]
-    # Better than either mode on average, and better than picking the better mode per dataset.
-    assert picked.mean() > max(np.mean(disc), np.mean(gen))
-
-
-def test_aggregate_meta_task_and_overall_means() -> None:
-    out = aggregate({"a": 1.0, "b": 0.0, "c": 1.0}, {"a": "CLS", "b": "CLS", "c": "QA"})
-    assert out["meta_tasks"] == {"CLS": 0.5, "QA": 1.0}
-    assert out["overall"] == pytest.approx(2 / 3)  # mean over datasets, not over meta-tasks
-
-
 # ---------------------------------------------------------------------------------------- data and errors
-
-
-def _write_eval(path: Path, rows: list[dict]) -> str:
-    write_atomic(rows, str(path), EVAL_SCHEMA)
-    return str(path)
-
-
-def _config(path: Path, datasets: list[dict]) -> str:
-    path.write_text(yaml.safe_dump({"datasets": datasets}))
-    return str(path)
-
-
-def test_synthetic_eval_files(synthetic_dir: dict[str, str], tmp_path: Path) -> None:
-    config = make_synthetic_eval(synthetic_dir["test"], str(tmp_path / "eval"))
-    specs = load_config(config)
-    assert [(s.name, s.meta_task, s.metric) for s in specs] == [
-        ("synthetic_classification", "CLS", "hit@1"),
-        ("synthetic_vqa", "QA", "hit@1"),
-        ("synthetic_retrieval", "RET", "hit@1"),
-    ]
-    source = pq.read_table(synthetic_dir["test"]).to_pylist()
-    for spec in specs:
-        task = spec.name.removeprefix("synthetic_")
-        src = [r for r in source if r["task"] == task]
-        rows = pq.read_table(spec.path).to_pylist()
-        positives = {json.dumps(r["positive"], default=str) for r in src}
-        assert len(rows) == len(src)
-        for r, s in zip(rows, src, strict=True):
-            keys = [json.dumps(c, default=str) for c in r["candidates"]]
-            assert len(set(keys)) == len(keys)  # identical sides merged
-            assert positives <= set(keys)  # every positive of the task is a candidate
-            assert all(json.dumps(n, default=str) in keys for n in s["negatives"])
-            assert r["labels"] == [keys.index(json.dumps(s["positive"], default=str))]
-            assert r["query"] == s["query"]
-        assert load_dataset(spec).rows[0].labels == rows[0]["labels"]
-
-
-def test_config_missing_file_names_dataset(tmp_path: Path) -> None:
-    config = _config(
-        tmp_path / "eval.yaml", [{"name": "ds1", "meta_task": "RET", "metric": "hit@1", "path": "no.parquet"}]
-    )
-    with pytest.raises(FileNotFoundError, match=r"dataset 'ds1' points at missing file 'no.parquet'"):
-        load_config(config)
-    with pytest.raises(FileNotFoundError, match="eval config"):
-        load_config(tmp_path / "absent.yaml")
-    bad = _config(
-        tmp_path / "bad.yaml", [{"name": "ds1", "meta_task": "RET", "metric": "recall@3", "path": "x"}]
-    )
-    with pytest.raises(ValueError, match="recall@3"):
-        load_config(bad)
-
-
-def test_label_outside_candidates_and_empty_labels(tmp_path: Path) -> None:
-    good = {"query": side_struct("q"), "candidates": [side_struct("a"), side_struct("b")], "labels": [1]}
-    path = _write_eval(tmp_path / "ds.parquet", [good, {**good, "labels": [0, 5]}])
-    config = _config(
-        tmp_path / "eval.yaml", [{"name": "ds", "meta_task": "RET", "metric": "hit@1", "path": "ds.parquet"}]
-    )
-    (spec,) = load_config(config)
-    with pytest.raises(
-        BadRowError,
-        match=r"dataset 'ds': .*ds.parquet row 1: the candidate list does not contain the label 5",
-    ):
-        load_dataset(spec)
-    _write_eval(Path(path), [{**good, "labels": []}])
-    with pytest.raises(BadRowError, match="row 0: labels is empty"):
-        load_dataset(spec)
-    _write_eval(Path(path), [{**good, "labels": [-1]}])
-    with pytest.raises(BadRowError, match="does not contain the label -1"):
-        load_dataset(spec)
 
 
 def test_cross_mode_scores_queries_of_one_mode_against_candidates_of_the_other() -> None:
@@ -239,8 +58,8 @@ def test_cross_mode_scores_queries_of_one_mode_against_candidates_of_the_other()
 def test_media_that_fail_when_decoded_are_named(tiny_model_dir: str, tmp_path: Path) -> None:
     good = {"query": side_struct("q"), "candidates": [side_struct("a"), side_struct("b")], "labels": [1]}
     corrupt = {**good, "candidates": [side_struct("a"), side_struct("b", b"\x89PNG cut short")]}
-    _write_eval(tmp_path / "ds.parquet", [good, corrupt])
-    config = _config(
+    write_eval_set(tmp_path / "ds.parquet", [good, corrupt])
+    config = write_eval_config(
         tmp_path / "eval.yaml", [{"name": "ds", "meta_task": "RET", "metric": "hit@1", "path": "ds.parquet"}]
     )
     with pytest.raises(
@@ -258,8 +77,8 @@ def test_model_without_gen_emb_is_named(tiny_model_dir: str, tmp_path: Path, cap
     tokenizer.add_special_tokens({"additional_special_tokens": ["<disc_emb>"]})
     tokenizer.save_pretrained(bad_dir)
     rows = [{"query": side_struct("q"), "candidates": [side_struct("a")], "labels": [0]}]
-    _write_eval(tmp_path / "ds.parquet", rows)
-    config = _config(
+    write_eval_set(tmp_path / "ds.parquet", rows)
+    config = write_eval_config(
         tmp_path / "eval.yaml", [{"name": "ds", "meta_task": "RET", "metric": "hit@1", "path": "ds.parquet"}]
     )
     with pytest.raises(ValueError, match=r"not_ume.*<gen_emb>"):
@@ -427,7 +246,9 @@ def test_evaluate_with_vllm_generation_equals_hf(
     out = tmp_path / "vllm"
     args = ["--model", tiny_model_dir, "--config", config, "--out", str(out), "--modes", "gen"]
     args += ["--max-new-tokens", "16", "--batch-size", "16", "--device", "cpu", "--rollout", "vllm"]
-    done = subprocess.run([sys.executable, "-m", "ume_r1.evaluate", *args], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "ume_r1.eval.evaluate", *args], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     vllm = json.loads((out / "results.json").read_text())
     assert vllm["per_query"]["gen"] == hf["per_query"]["gen"]

@@ -7,35 +7,23 @@ import math
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from transformers import Qwen2VLForConditionalGeneration
 
-from ume_r1.trainer import GRPOTrainer
-
-CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+from ume_r1.grpo.trainer import GRPOTrainer
 
 
 def grpo_config(tiny_model_dir: str, train_file: str, run_dir: Path, *extra: str):
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        return compose(
-            config_name="grpo",
-            overrides=[
-                "profile=tiny",
-                f"model.path={tiny_model_dir}",
-                f"data.train_files={train_file}",
-                f"trainer.default_local_dir={run_dir}",
-                "trainer.logger=[console]",
-                *extra,
-            ],
-        )
-
-
-@pytest.fixture
-def local_ray():
-    yield
-    ray.shutdown()
+    return compose_config(
+        "grpo",
+        "profile=tiny",
+        f"model.path={tiny_model_dir}",
+        f"data.train_files={train_file}",
+        f"trainer.default_local_dir={run_dir}",
+        "trainer.logger=[console]",
+        *extra,
+    )
 
 
 LAYOUTS = [
@@ -63,7 +51,7 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_dir, tmp_path, local_ray):
+def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_dir, tmp_path, shutdown_ray):
     cfg = grpo_config(
         tiny_model_dir,
         synthetic_dir["train"],

@@ -17,12 +17,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from sft.losses import cross_mode_nce, info_nce, token_nll
 from sft.step import encode_pairs, sft_step
-from sft.synthetic_cot import make_synthetic_sft
-from ume_r1.fsdp import shard
-from ume_r1.model import load_model
-from ume_r1.policy import EmbeddingPolicy
-from ume_r1.processor import UMEProcessor
-from ume_r1.sft_data import load_sft_pairs
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.sft_rows import load_sft_pairs
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.policy import EmbeddingPolicy
+from ume_r1.synthetic.shapes_sft import make_synthetic_sft
+from ume_r1.training.fsdp import shard
 
 
 def reference_info_nce(q: list[list[float]], t: list[list[float]], tau: float) -> float:

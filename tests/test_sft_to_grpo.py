@@ -8,33 +8,28 @@ from pathlib import Path
 
 import ray
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from test_grpo_e2e import grpo_config
 
-from sft.synthetic_cot import make_synthetic_sft
 from sft.train import train
-from ume_r1.trainer import GRPOTrainer
-
-CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+from ume_r1.grpo.trainer import GRPOTrainer
+from ume_r1.synthetic.shapes_sft import make_synthetic_sft
 
 
 def test_sft_then_grpo(tiny_model_dir, synthetic_dir, tmp_path):
     data = make_synthetic_sft(str(tmp_path / "data"), seed=0, n_train=16, n_test=6)
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(
-            config_name="sft",
-            overrides=[
-                "profile=sft_tiny",
-                f"model.path={tiny_model_dir}",
-                f"data.train_files={data['train']}",
-                f"data.test_files={data['test']}",
-                "train.total_steps=2",
-                "train.global_batch_size=8",
-                "train.chunk_size=6",
-                f"output_dir={tmp_path / 'sft'}",
-                "eval.max_new_tokens=8",
-            ],
-        )
+    cfg = compose_config(
+        "sft",
+        "profile=sft_tiny",
+        f"model.path={tiny_model_dir}",
+        f"data.train_files={data['train']}",
+        f"data.test_files={data['test']}",
+        "train.total_steps=2",
+        "train.global_batch_size=8",
+        "train.chunk_size=6",
+        f"output_dir={tmp_path / 'sft'}",
+        "eval.max_new_tokens=8",
+    )
     try:
         summary = train(cfg)
     finally:

@@ -15,11 +15,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from ume_r1.data import load_examples
-from ume_r1.evaluate import load_config, load_dataset, make_synthetic_eval
-from ume_r1.sft_data import load_sft_pairs
-from ume_r1.synthetic import COLOURS
-from ume_r1.synthetic_reasoning import (
+from ume_r1.data.rl_rows import load_examples
+from ume_r1.data.sft_rows import load_sft_pairs
+from ume_r1.data.template import FORMAT_RE, assistant_text
+from ume_r1.eval.datasets import load_config, load_dataset
+from ume_r1.eval.synthetic_config import make_synthetic_eval
+from ume_r1.synthetic.reasoning import (
     NUMBERS,
     REASONING_TASKS,
     draw_scene,
@@ -27,7 +28,7 @@ from ume_r1.synthetic_reasoning import (
     query_reasoning,
     target_reasoning,
 )
-from ume_r1.template import FORMAT_RE, assistant_text
+from ume_r1.synthetic.shapes import COLOURS
 
 SUMMARY_RE = re.compile(r"<answer>(.*?)<gen_emb>")
 

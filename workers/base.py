@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
-from ume_r1.checkpoint import rng_state, set_rng_state
+from ume_r1.training.checkpoint import rng_state, set_rng_state
 
 
 class ConfiguredWorker(Worker):

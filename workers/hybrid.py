@@ -18,12 +18,12 @@ from functools import partial
 import torch
 from verl.single_controller.base.decorator import Dispatch, register
 
-from ume_r1.fsdp import gathered
-from ume_r1.model import resolve_dtype
-from ume_r1.processor import EncodedPrompt
-from ume_r1.rollout import make_engine
+from ume_r1.data.processor import EncodedPrompt
+from ume_r1.model.device import resolve_dtype
+from ume_r1.rollout.factory import make_engine
 from ume_r1.rollout.hf import HFRollout
 from ume_r1.rollout.weights import SyncStats
+from ume_r1.training.fsdp import gathered
 from workers.learner import LearnerWorker
 from workers.rollout import timed_generate
 

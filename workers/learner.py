@@ -20,9 +20,14 @@ from verl import DataProto
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
-from ume_r1.batch import shared_media
-from ume_r1.checkpoint import load_sharded, save_sharded
-from ume_r1.fsdp import (
+from ume_r1.data.collate import shared_media
+from ume_r1.data.template import GEN_EMB
+from ume_r1.model.device import enable_gradient_checkpointing, resolve_device, resolve_dtype
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.policy import EmbeddingPolicy
+from ume_r1.rollout.weights import SyncStats, buckets
+from ume_r1.training.checkpoint import load_sharded, save_sharded
+from ume_r1.training.fsdp import (
     clip_and_step,
     full_state_dict,
     init_distributed,
@@ -30,11 +35,7 @@ from ume_r1.fsdp import (
     save_hf_checkpoint,
     shard_from_rank0,
 )
-from ume_r1.micro_batch import SEQUENCE_KEYS, pad_columns, plan_micro_batches, row_lengths, trim
-from ume_r1.model import enable_gradient_checkpointing, load_model, resolve_device, resolve_dtype
-from ume_r1.policy import EmbeddingPolicy
-from ume_r1.rollout.weights import SyncStats, buckets
-from ume_r1.template import GEN_EMB
+from ume_r1.training.micro_batches import SEQUENCE_KEYS, pad_columns, plan_micro_batches, row_lengths, trim
 from workers.base import ConfiguredWorker
 
 LOSS_SHARES = ("actor/pg_loss", "actor/kl_loss")

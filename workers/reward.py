@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from verl.single_controller.base.decorator import Dispatch, register
 
-from ume_r1.reward_api import RewardBatch, load_reward
+from ume_r1.reward.batch import RewardBatch
+from ume_r1.reward.registry import load_reward
 from workers.base import ConfiguredWorker
 
 

@@ -13,9 +13,10 @@ import ray
 import torch
 from verl.single_controller.base.decorator import Dispatch, register
 
-from ume_r1.model import resolve_device, resolve_dtype
-from ume_r1.processor import EncodedPrompt
-from ume_r1.rollout import RolloutEngine, make_engine
+from ume_r1.data.processor import EncodedPrompt
+from ume_r1.model.device import resolve_device, resolve_dtype
+from ume_r1.rollout.engine import RolloutEngine
+from ume_r1.rollout.factory import make_engine
 from ume_r1.rollout.weights import SyncStats
 from workers.base import ConfiguredWorker
 

@@ -20,7 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from sft.megatron.convert import _get, attention_shape, hf_to_mcore, mcore_to_hf
-from ume_r1.batch import mm_token_type_ids
+from ume_r1.data.collate import mm_token_type_ids
 
 
 def rope_settings(text_config: Any) -> tuple[float, list[int] | None]:

@@ -7,8 +7,9 @@ data-parallel size is world / TP. In-batch negatives are gathered over the data-
 the global batch in one forward: GradCache chunking (`train.chunk_size`) is the torch backend's.
 
 Training-state checkpoints and resume follow the torch backend (`train.save_freq`, `max_ckpt_to_keep`,
-`save_hf_model`, `resume_mode`, `resume_from_path`; layout in ume_r1/checkpoint.py), except that the model
-and optimizer go to `global_step_N/megatron` in megatron-core's format, which loads under another TP size.
+`save_hf_model`, `resume_mode`, `resume_from_path`; layout in ume_r1/training/checkpoint.py), except that
+the model and optimizer go to `global_step_N/megatron` in megatron-core's format, which loads under
+another TP size.
 The HF export of the end of training is `<output_dir>/hf`.
 """
 
@@ -32,15 +33,16 @@ from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
 from sft.megatron.convert import tp_merge
 from sft.megatron.model import MegatronQwen2VL, transformer_config
 from sft.step import EncodedPairs, pair_batches
-from ume_r1.batch import media_inputs, pack_sequences
-from ume_r1.checkpoint import CheckpointDir, restore_all_ranks, resume_checkpoint, save_all_ranks
-from ume_r1.data_order import BatchOrder
-from ume_r1.media import MediaLimits
-from ume_r1.model import load_image_processor, load_model, resolve_dtype, write_hf_checkpoint
-from ume_r1.policy import disc_embeddings, gen_emb_positions, hidden_at
-from ume_r1.processor import UMEProcessor
-from ume_r1.sft_data import load_sft_pairs
-from ume_r1.template import DISC_EMB, GEN_EMB
+from ume_r1.data.batch_order import BatchOrder
+from ume_r1.data.collate import media_inputs, pack_sequences
+from ume_r1.data.media import MediaLimits
+from ume_r1.data.processor import UMEProcessor, load_image_processor
+from ume_r1.data.sft_rows import load_sft_pairs
+from ume_r1.data.template import DISC_EMB, GEN_EMB
+from ume_r1.model.device import resolve_dtype
+from ume_r1.model.hf_checkpoint import load_model, write_hf_checkpoint
+from ume_r1.model.policy import disc_embeddings, gen_emb_positions, hidden_at
+from ume_r1.training.checkpoint import CheckpointDir, restore_all_ranks, resume_checkpoint, save_all_ranks
 
 DEFAULTS = {"megatron": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}}
 # global_step_N/megatron: model and optimizer in megatron-core's format (sft/megatron/checkpoint.py)

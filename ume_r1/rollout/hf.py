@@ -7,10 +7,10 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from ume_r1.batch import collate_prompts, mm_token_type_ids
-from ume_r1.model import load_model
-from ume_r1.processor import EncodedPrompt
-from ume_r1.rollout import special_ids, trim_at_stop
+from ume_r1.data.collate import collate_prompts, mm_token_type_ids
+from ume_r1.data.processor import EncodedPrompt
+from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.rollout.engine import special_ids, trim_at_stop
 
 
 class HFRollout:

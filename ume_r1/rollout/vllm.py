@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from ume_r1.processor import EncodedPrompt
-from ume_r1.rollout import special_ids, trim_at_stop
+from ume_r1.data.processor import EncodedPrompt
+from ume_r1.rollout.engine import special_ids, trim_at_stop
 
 
 def collapse_placeholders(input_ids: list[int], pad_ids: Iterable[int]) -> list[int]:

@@ -1,0 +1,62 @@
+"""GRPO's step diagnostics by hand: zero-variance groups, the format share of the reward variance, in-batch
+Hit@1 and the within-group cosine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ume_r1.eval.metrics import within_group_cosine
+from ume_r1.grpo.advantages import flat_groups
+from ume_r1.grpo.grouping import StepPrompts
+from ume_r1.grpo.step_metrics import in_batch_hit_at_1, reward_group_stats
+
+
+def test_flat_groups_and_reward_variance_shares() -> None:
+    # 3 prompts x 2 responses: prompt 0 all equal (format and embedding), 1 differs in format only,
+    # 2 in embedding only; a prompt of one response is flat by definition
+    fmt = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    emb = torch.tensor([0.2, 0.2, 0.1, 0.1, 0.0, 0.4, 0.3])
+    prompt_index = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    assert flat_groups(fmt + emb, prompt_index).tolist() == [True, False, False, True]
+    stats = reward_group_stats({"reward": fmt + emb, "format": fmt, "embedding": emb}, prompt_index)
+    # population variances per prompt: format 0, .25, 0, 0; embedding 0, 0, .04, 0
+    assert stats["reward/zero_variance_groups"] == 0.5
+    assert stats["reward/format_variance_share"] == pytest.approx(0.25 / (0.25 + 0.04))
+    assert stats["reward/group_std"] == pytest.approx((0 + 0.5 + 0.2 + 0) / 4)
+    # format_weight 0.1: the format term's variances shrink 100-fold
+    weighted = reward_group_stats({"reward": 0.1 * fmt + emb, "format": fmt, "embedding": emb}, prompt_index)
+    assert weighted["reward/format_variance_share"] == pytest.approx(0.0025 / (0.0025 + 0.04))
+
+
+def test_step_metrics_hand_computed() -> None:
+    plan = StepPrompts(
+        roles=["query", "target", "query", "target"], query_of_example=[0, 2], positive_of_example=[1, 3]
+    )
+    embeddings = torch.tensor(
+        [
+            [1.0, 0.0],  # query 0: nearest centre (1, 0) = its positive -> hit
+            [0.6, 0.8],  # query 0: 0.6 vs 0.8 -> target 3 -> miss
+            [0.8, 0.6],  # target 1: mean (0.8, 0) -> centre (1, 0)
+            [0.8, -0.6],
+            [0.0, 1.0],  # query 2: hit
+            [-0.6, 0.8],  # query 2: -0.6 vs 0.8 -> hit
+            [0.0, 1.0],  # target 3: centre (0, 1)
+            [0.0, 1.0],
+        ]
+    )
+    prompt_index = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert in_batch_hit_at_1(embeddings, prompt_index, plan) == pytest.approx(3 / 4)
+    # Pairwise cosines per prompt: 0.6, 0.64 - 0.36 = 0.28, 0.8, 1.0.
+    assert within_group_cosine(embeddings, prompt_index) == pytest.approx((0.6 + 0.28 + 0.8 + 1.0) / 4)
+    # A prompt with a single response has no pair and is left out of the average.
+    single = torch.cat([embeddings, torch.tensor([[1.0, 0.0]])])
+    assert within_group_cosine(single, torch.cat([prompt_index, torch.tensor([4])])) == pytest.approx(0.67)
+
+
+def test_step_metrics_three_responses_per_group() -> None:
+    # G=3: mean over the 6 ordered off-diagonal pairs.
+    e = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    s = 2**-0.5
+    assert within_group_cosine(e, torch.tensor([7, 7, 7])) == pytest.approx(2 * (s + 0.0 + s) / 6)

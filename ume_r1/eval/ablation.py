@@ -1,0 +1,174 @@
+"""The paper's reward ablation (table 2) from one sweep's run directories: a table and reward curves.
+
+    python -m ume_r1.eval.ablation runs/ablate
+
+reads `eval_sft/results.json` (the SFT checkpoint every run starts from) and, for each reward mode
+and seed, `<mode>_seed<k>/metrics.jsonl` (the GRPO run) and `eval_<mode>_seed<k>/results.json`
+(its held-out evaluation), as `recipes/ablate.sh` writes them. It prints greedy generative Hit@1
+(mean and std over seeds), every seed's paired change against SFT with its standard error, pass@k,
+the format rate and the reasoning sensitivity, states whether the issue's goals hold, and writes
+`ablation.md` and `reward_curves.png` beside the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ume_r1.eval.report import gen_hits, paired_change, save_figure, write_text
+
+MODES = ("ranking_x_gap", "ranking", "gap", "threshold")  # the paper's row order; rewards/ume.py's names
+CURVES = (
+    ("reward/embedding", "embedding reward"),
+    ("reward/format", "format reward"),
+    ("embedding/in_batch_hit@1", "in-batch gen Hit@1"),
+)
+GOAL_POINTS = 3.0  # the issue's bar: GRPO must lift greedy gen Hit@1 by this much over SFT
+
+
+@dataclass
+class Run:
+    mode: str
+    seed: int
+    results: dict[str, Any]
+    metrics: list[dict[str, float]]
+
+
+def load_runs(root: Path) -> tuple[dict[str, Any], dict[str, list[Run]]]:
+    """The SFT evaluation and every finished run under `root`, grouped by reward mode."""
+    sft_path = root / "eval_sft" / "results.json"
+    if not sft_path.is_file():
+        raise FileNotFoundError(f"{sft_path}: no evaluation of the SFT checkpoint")
+    runs: dict[str, list[Run]] = {}
+    for path in sorted(root.glob("eval_*_seed*/results.json")):
+        match = re.fullmatch(r"eval_(.+)_seed(\d+)", path.parent.name)
+        metrics_path = root / f"{match[1]}_seed{match[2]}" / "metrics.jsonl" if match else None
+        if match is None or metrics_path is None or not metrics_path.is_file():
+            continue
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        run = Run(match[1], int(match[2]), json.loads(path.read_text()), metrics)
+        runs.setdefault(run.mode, []).append(run)
+    if not runs:
+        raise FileNotFoundError(
+            f"{root}: no eval_<mode>_seed<k>/results.json with its <mode>_seed<k>/metrics.jsonl"
+        )
+    order = {m: i for i, m in enumerate(MODES)}
+    return json.loads(sft_path.read_text()), dict(
+        sorted(runs.items(), key=lambda kv: order.get(kv[0], len(order)))
+    )
+
+
+def _gen(results: dict[str, Any]) -> float:
+    return 100 * results["overall"]["gen"]
+
+
+def _pass(results: dict[str, Any]) -> list[float]:
+    return [100 * v for v in (results.get("pass_at_k") or {}).get("mean", [])]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def _sensitivity(results: dict[str, Any]) -> float | None:
+    return (results.get("generation") or {}).get("reasoning_sensitivity")
+
+
+def ablation_table(sft: dict[str, Any], runs: dict[str, list[Run]]) -> str:
+    """Paper table 2's shape: one row per reward, mean ± std over seeds, plus each seed's paired change."""
+    ks = [k for k in (1, 4, 8) if k <= len(_pass(sft))]
+    head = ["reward", "seeds", "gen Hit@1", "change vs SFT, per seed (± SE)", *[f"pass@{k}" for k in ks]]
+    head += ["format rate", "reasoning sens."]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---|" + "---:|" * (len(ks) + 2)]
+
+    def row(name: str, group: list[dict[str, Any]], changes: str) -> str:
+        sens = [s for s in map(_sensitivity, group) if s is not None]
+        cells = [name, str(len(group)), _mean_std([_gen(r) for r in group]), changes]
+        cells += [_mean_std([_pass(r)[k - 1] for r in group if len(_pass(r)) >= k]) for k in ks]
+        cells += [_mean_std([100 * r["generation"]["format_rate"] for r in group])]
+        cells += [f"{np.mean(sens):.3f}" if sens else "-"]
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(row("SFT (start)", [sft], "-"))
+    for mode, group in runs.items():
+        changes = ", ".join(
+            f"s{r.seed}: {paired_change(sft, r.results)}" for r in sorted(group, key=lambda r: r.seed)
+        )
+        lines.append(row(mode, [r.results for r in group], changes))
+    n = gen_hits(sft).size
+    per_dataset = sft["settings"].get("pass_k_max_queries") or "all"
+    lines.append(
+        f"\nIn %, means of datasets, {n} held-out queries (pass@k: {per_dataset} per dataset); ± is the std"
+    )
+    lines.append("over seeds, or the paired standard error of one seed's change in the change column.")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(sft: dict[str, Any], runs: dict[str, list[Run]], main_mode: str = MODES[0]) -> str:
+    """The issue's two goals, stated plainly from the numbers."""
+    if main_mode not in runs:
+        return f"no {main_mode} runs: no verdict\n"
+    changes = [paired_change(sft, r.results) for r in runs[main_mode]]
+    mean_change = float(np.mean([c.points for c in changes]))
+    each = sum(c.points >= GOAL_POINTS for c in changes)
+    lines = [
+        f"- goal 1 (GRPO with {main_mode} lifts greedy gen Hit@1 by >= {GOAL_POINTS:g} points over SFT, mean "
+        f"over seeds): {'MET' if mean_change >= GOAL_POINTS else 'NOT MET'} (mean change {mean_change:+.1f}; "
+        f"{each} of {len(changes)} seeds reach it alone)"
+    ]
+    main = np.mean([_gen(r.results) for r in runs[main_mode]])
+    for mode, group in runs.items():
+        if mode != main_mode:
+            other = np.mean([_gen(r.results) for r in group])
+            holds = "holds" if main >= other else "does NOT hold"
+            lines.append(f"- goal 2, {main_mode} >= {mode}: {holds} ({main:.1f} vs {other:.1f})")
+    return "\n".join(lines) + "\n"
+
+
+def plot_reward_curves(runs: dict[str, list[Run]], path: str) -> None:
+    """One panel per logged curve: each reward mode's mean over seeds against the step, min..max shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for mode, group in runs.items():
+            steps = min(len(r.metrics) for r in group)
+            if steps == 0:
+                continue
+            values = np.array([[row.get(key, np.nan) for row in r.metrics[:steps]] for r in group], float)
+            x = [row["step"] for row in group[0].metrics[:steps]]
+            ax.plot(x, np.nanmean(values, 0), label=mode)
+            ax.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.15)
+        ax.set(xlabel="step", title=title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("GRPO from one SFT checkpoint: mean over seeds, min..max shaded", fontsize=9)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("root", type=Path, help="the sweep's directory (recipes/ablate.sh's OUT)")
+    args = parser.parse_args(argv)
+    sft, runs = load_runs(args.root)
+    text = ablation_table(sft, runs) + "\n" + verdict(sft, runs)
+    print(text)
+    write_text(str(args.root / "ablation.md"), text)
+    plot_reward_curves(runs, str(args.root / "reward_curves.png"))
+    print(f"wrote {args.root / 'ablation.md'} and {args.root / 'reward_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

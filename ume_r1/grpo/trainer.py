@@ -1,0 +1,389 @@
+"""The GRPO controller (single controller, verl-style): drives rollout, learner and reward worker
+groups on Ray through one step of DESIGN section 3 after another.
+
+    python -m ume_r1.grpo.trainer profile=tiny            # or any Hydra override, e.g. rollout.n=8
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import hydra
+import numpy as np
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from verl import DataProto
+from verl.single_controller.ray import RayResourcePool
+
+from ume_r1.data.batch_order import BatchOrder
+from ume_r1.data.loader import BadRowCounts, EncodedRows, row_batches
+from ume_r1.data.media import MediaLimits
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.rl_rows import load_examples
+from ume_r1.data.template import swap_reasoning
+from ume_r1.eval.metrics import reasoning_sensitivity
+from ume_r1.grpo.advantages import drop_flat_groups, grpo_advantages
+from ume_r1.grpo.grouping import EncodedExample, StepPrompts, encode_example, plan_prompts
+from ume_r1.grpo.learner_batch import build_sequences, pad_for_ranks
+from ume_r1.grpo.step_metrics import reward_group_stats, step_metrics
+from ume_r1.grpo.supervision import SupervisedGroup, WorkerFailure
+from ume_r1.grpo.worker_groups import init_ray, learner_config, plain, worker_group, worker_threads
+from ume_r1.reward.batch import RewardBatch
+from ume_r1.reward.registry import available_rewards
+from ume_r1.training.checkpoint import (
+    SHARDS,
+    CheckpointDir,
+    read_state,
+    resume_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from ume_r1.training.metric_logger import MetricLogger
+from ume_r1.training.preflight import check_output_dir, checkpoint_bytes
+from workers.hybrid import ActorRolloutRefWorker
+from workers.learner import LearnerWorker
+from workers.reward import RewardWorker
+from workers.rollout import RolloutWorker
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.examples, report = load_examples(
+            _as_list(cfg.data.train_files), cfg.data.image_root, cfg.data.on_bad_row
+        )
+        if report.skipped:
+            print(
+                f"data: skipped {report.skipped} of {report.rows} rows (data.on_bad_row=skip); first: "
+                f"{report.reasons[0]}"
+            )
+        if len(self.examples) < cfg.data.train_batch_size:
+            raise ValueError(
+                f"data.train_batch_size={cfg.data.train_batch_size} but only "
+                f"{len(self.examples)} usable rows in {cfg.data.train_files}"
+            )
+        if cfg.reward.path is None and cfg.reward.name not in available_rewards():
+            raise ValueError(
+                f"reward.name={cfg.reward.name!r} is unknown; available: {sorted(available_rewards())}"
+            )
+        self.processor = UMEProcessor.from_pretrained(
+            cfg.model.path, cfg.data.max_prompt_length, cfg.data.max_pixels, MediaLimits.from_config(cfg.data)
+        )
+        self.tokenizer = self.processor.tokenizer
+        steps_per_epoch = len(self.examples) // cfg.data.train_batch_size
+        self.total_steps = cfg.trainer.total_training_steps or steps_per_epoch * cfg.trainer.total_epochs
+        self.run_dir = check_output_dir(
+            cfg.trainer.default_local_dir, checkpoint_bytes(cfg.model.path), "trainer.default_local_dir"
+        )
+        self.model_path = str(Path(cfg.model.path).resolve())
+        self.order = BatchOrder(
+            len(self.examples), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle
+        )
+        self.checkpoints = CheckpointDir(self.run_dir, cfg.trainer.max_ckpt_to_keep)
+        for leftover in self.checkpoints.discard_partial():
+            print(f"checkpoint: removed {leftover} (a write that did not finish)")
+        self.resume_from = resume_checkpoint(
+            cfg.trainer.resume_mode, self.run_dir, cfg.trainer.resume_from_path
+        )
+        resumed = read_state(self.resume_from) if self.resume_from else None
+        if resumed and resumed["model_path"] != self.model_path:
+            raise ValueError(
+                f"{self.resume_from} continues a run that started from {resumed['model_path']}, but "
+                f"model.path={self.model_path}: the reference (KL anchor) must stay the original model"
+            )
+        self.bad_rows = BadRowCounts()
+        if resumed:
+            self.order.load_state_dict(resumed["data"])
+            self.bad_rows = BadRowCounts(**resumed.get("bad_rows", {}))
+        encode = partial(encode_example, processor=self.processor, truncate=cfg.data.truncation == "truncate")
+        # before Ray starts: the data workers fork from this process
+        self.batches = row_batches(
+            EncodedRows(self.examples, encode, cfg.data.on_bad_row, cfg.data.truncation, cfg.data.seed),
+            self.order,
+            self.total_steps - (resumed["step"] if resumed else 0),
+            cfg.data.dataloader_num_workers,
+            cfg.data.prefetch_factor,
+        )
+
+        init_ray(cfg)
+        self.gpu = cfg.trainer.device == "cuda" or (
+            cfg.trainer.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+        )
+        self.timeout_s = float(cfg.trainer.worker_timeout_s)
+        self.rollout_restarts = 0
+        learner_pool = RayResourcePool([cfg.learner.num_workers], use_gpu=self.gpu, max_colocate_count=1)
+        self.hybrid = bool(cfg.trainer.hybrid_engine)
+        # verl's ActorRolloutRef (hybrid): each learner rank generates with its own engine; else
+        # standalone rollout workers, scaled independently of the learners
+        learner_cls = ActorRolloutRefWorker if self.hybrid else LearnerWorker
+        self.learners = worker_group(
+            learner_cls, learner_pool, worker_threads(cfg, 1), learner_config(cfg), "learner", self.timeout_s
+        )
+        self.learners.init_model(self.model_path)
+        self.rollouts = self.learners if self.hybrid else self._rollout_group()
+        reward_pool = RayResourcePool([1], use_gpu=False, max_colocate_count=1)
+        self.rewarder = worker_group(
+            RewardWorker, reward_pool, 1, plain(cfg.reward), "reward", self.timeout_s
+        )
+        self.rewarder.init_reward()
+        self.logger = MetricLogger(
+            cfg,
+            self.run_dir,
+            resumed_step=resumed["step"] if resumed else 0,
+            run_id=resumed["wandb_id"] if resumed else None,
+        )
+
+    def fit(self) -> Path:
+        """Steps from the first one not in the resumed checkpoint to `total_steps`; a training-state
+        checkpoint every `trainer.save_freq` steps and at the last; the actor as an HF checkpoint in
+        `final/` at the end."""
+        first = self.restore(self.resume_from) + 1 if self.resume_from else 1
+        save_freq = self.cfg.trainer.save_freq
+        steps = range(first, self.total_steps + 1)
+        for step in tqdm(steps, desc="grpo", initial=first - 1, total=self.total_steps, dynamic_ncols=True):
+            try:
+                waited = time.perf_counter()
+                batch = next(self.batches)
+                waited = time.perf_counter() - waited
+                if batch.indices != next(self.order):
+                    raise RuntimeError(f"step {step}: the data loader is out of step with the batch order")
+                metrics = self.step(batch.rows, step)
+                metrics.update(self.bad_rows.add(batch, tqdm.write))
+                metrics["timing_s/data_wait"] = waited  # > 0 only when the data workers fall behind
+                self.logger.log(metrics, step)
+                if save_freq > 0 and (step % save_freq == 0 or step == self.total_steps):
+                    self.save(step)
+            except WorkerFailure as failure:
+                latest = self.checkpoints.latest()
+                raise WorkerFailure(
+                    f"step {step}: {failure}. Started again with trainer.resume_mode=auto, the run "
+                    f"resumes from {latest or 'the start (no checkpoint yet)'}"
+                ) from None
+        final = (self.run_dir / "final").resolve()
+        self.learners.save_checkpoint(str(final))
+        self.logger.finish()
+        return final
+
+    def _rollout_group(self) -> SupervisedGroup:
+        """Standalone rollout workers, each loaded from the original checkpoint."""
+        count = self.cfg.rollout.num_workers
+        pool = RayResourcePool([count], use_gpu=self.gpu, max_colocate_count=1)
+        group = worker_group(
+            RolloutWorker,
+            pool,
+            worker_threads(self.cfg, count),
+            plain(self.cfg.rollout),
+            "rollout",
+            self.timeout_s,
+        )
+        group.init_model(self.model_path)
+        return group
+
+    def _rollout_call(self, method: str, *args):
+        """A call on the rollout workers. Standalone layout: when one dies or falls silent, the group
+        is recreated with the actor's current weights and the call repeated, up to
+        `trainer.max_worker_restarts` times in a run (the step's results do not change: the same
+        prompts and seeds reach the same weights). Hybrid: the engines are the learner ranks, whose
+        loss ends the run."""
+        while True:
+            try:
+                return getattr(self.rollouts, method)(*args)
+            except WorkerFailure as failure:
+                limit = self.cfg.trainer.max_worker_restarts
+                if self.hybrid or self.rollout_restarts >= limit:
+                    raise
+                self.rollout_restarts += 1
+                tqdm.write(
+                    f"{failure}; recreating the rollout workers "
+                    f"({self.rollout_restarts} of trainer.max_worker_restarts={limit})"
+                )
+                self.rollouts.shutdown()
+                self.rollouts = self._rollout_group()
+                if method != "load_weights":  # that call brings the current weights itself
+                    self.sync_weights()
+
+    def _workers(self) -> dict[str, SupervisedGroup]:
+        groups = {"learner": self.learners, "reward": self.rewarder}
+        if not self.hybrid:
+            groups["rollout"] = self.rollouts
+        return groups
+
+    def save(self, step: int) -> Path:
+        """The training state after `step` (see ume_r1.training.checkpoint): sharded actor and optimizer, LR
+        scheduler, data position, every process's RNG, the resolved config, the reference's source."""
+        start = time.perf_counter()
+        staging = self.checkpoints.begin(step).resolve()
+        scheduler = self.learners.save_state(str(staging / SHARDS))[0]
+        if self.cfg.trainer.save_hf_model:
+            self.learners.save_checkpoint(str(staging / "hf"))
+        rng = {name: group.get_rng_state() for name, group in self._workers().items()}
+        path = self.checkpoints.commit(
+            step,
+            {
+                "data": self.order.state_dict(),
+                "bad_rows": asdict(self.bad_rows),
+                "scheduler": scheduler,
+                "rng": {"driver": rng_state(), **rng},
+                "model_path": self.model_path,
+                "wandb_id": self.logger.run_id,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            },
+        )
+        tqdm.write(f"checkpoint: {path} ({time.perf_counter() - start:.1f} s)")
+        return path
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint written by `save`; returns its step. The reference is not touched: it was
+        loaded from the original model, and the data position was read when the run was set up. The
+        engines get the restored weights before the next step."""
+        state = read_state(path)
+        self.learners.load_state(str((path / SHARDS).resolve()), state["scheduler"])
+        set_rng_state(state["rng"]["driver"])
+        for name, group in self._workers().items():
+            group.set_rng_state(state["rng"][name])
+        self.sync_weights()
+        tqdm.write(f"resumed from {path} (step {state['step']})")
+        return state["step"]
+
+    def step(self, examples: list[EncodedExample], step: int) -> dict[str, float]:
+        cfg, timing = self.cfg, {}
+        start = time.perf_counter()
+        with _timer(timing, "prepare"):
+            plan = plan_prompts(examples)
+        with _timer(timing, "rollout"):
+            responses, timing["generate"] = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
+        with _timer(timing, "forward"):
+            data, prompt_index = build_sequences(plan.prompts, responses, self.processor.pad_id)
+            data.meta_info["seed"] = step
+            padded = pad_for_ranks(data, cfg.learner.num_workers)
+            out = self.learners.compute_log_prob(padded)[: len(data)]
+            data.union(out)
+            if cfg.actor.use_kl_loss:
+                data.union(self.learners.compute_ref_log_prob(padded)[: len(data)])
+        with _timer(timing, "reward"):
+            texts = self.tokenizer.batch_decode([r for group in responses for r in group])
+            batch = RewardBatch(
+                embeddings=data.batch["embeddings"].float(),
+                responses=texts,
+                prompt_index=prompt_index,
+                has_gen_emb=data.batch["has_gen_emb"].bool(),
+                roles=plan.roles,
+                positives=plan.positives,
+                negatives=plan.negatives,
+                in_batch_negatives=plan.in_batch_negatives,
+            )
+            scores = self.rewarder.score(batch)[0]
+        data.batch["advantages"] = grpo_advantages(
+            scores["reward"], data.batch["response_mask"], prompt_index, cfg.algorithm.norm_adv_by_std_in_grpo
+        )
+        update_metrics = reward_group_stats(scores, prompt_index)
+        if cfg.trainer.reasoning_sensitivity_freq > 0 and step % cfg.trainer.reasoning_sensitivity_freq == 0:
+            with _timer(timing, "probe"):
+                update_metrics["embedding/reasoning_sensitivity"] = self.probe_reasoning(
+                    plan, responses, texts, data, step
+                )
+        kept = data
+        if cfg.algorithm.filter_groups.enable:
+            kept = drop_flat_groups(data, scores["reward"], prompt_index)
+            update_metrics["filter/kept_rows"] = len(kept) / len(data)
+        if len(kept):
+            with _timer(timing, "update"):
+                update = self.learners.update_actor(pad_for_ranks(kept, cfg.learner.num_workers))
+                per_rank = update.meta_info["metrics"]
+                update_metrics.update({k: float(np.mean(v)) for k, v in per_rank.items()})  # per-rank lists
+            with _timer(timing, "sync"):
+                update_metrics.update(self.sync_weights())
+        timing["step"] = time.perf_counter() - start
+        kl_type = cfg.actor.kl_loss_type if cfg.actor.use_kl_loss else None
+        metrics = step_metrics(plan, data, prompt_index, scores, update_metrics, timing, kl_type)
+        metrics["fault/rollout_restarts"] = float(self.rollout_restarts)
+        return metrics
+
+    def probe_reasoning(
+        self,
+        plan: StepPrompts,
+        responses: list[list[list[int]]],
+        texts: list[str],
+        data: DataProto,
+        step: int,
+    ) -> float:
+        """Reasoning sensitivity: each response is embedded again with its <think> text replaced by that
+        of the same-numbered response of another input (the next prompt that is not its positive), and
+        compared with its own embedding (ume_r1.eval.metrics.reasoning_sensitivity). One learner forward."""
+        count = len(responses)
+        starts = np.cumsum([0] + [len(group) for group in responses])
+        flat = [r for group in responses for r in group]
+
+        def donor(p: int) -> int:
+            others = [(p + d) % count for d in range(1, count)]
+            return next((q for q in others if q not in plan.positives[p]), others[0] if others else p)
+
+        donors = [donor(p) for p in range(count)]  # once per prompt, not per response
+        rows = [
+            starts[donors[p]] + k % len(responses[donors[p]])
+            for p, group in enumerate(responses)
+            for k in range(len(group))
+        ]
+        swapped = [swap_reasoning(text, texts[d]) for text, d in zip(texts, rows, strict=True)]
+        ids = [
+            self.tokenizer(t, add_special_tokens=False)["input_ids"] if t is not None else own
+            for t, own in zip(swapped, flat, strict=True)
+        ]
+        grouped = [ids[starts[p] : starts[p + 1]] for p in range(count)]
+        probe, _ = build_sequences(plan.prompts, grouped, self.processor.pad_id)
+        probe.meta_info["seed"] = step
+        out = self.learners.compute_log_prob(pad_for_ranks(probe, self.cfg.learner.num_workers))[: len(probe)]
+        valid = (
+            torch.tensor([t is not None for t in swapped])
+            & data.batch["has_gen_emb"].bool()
+            & out.batch["has_gen_emb"].bool()
+        )
+        return reasoning_sensitivity(data.batch["embeddings"], out.batch["embeddings"], valid)
+
+    def rollout(self, plan: StepPrompts, seed: int) -> tuple[list[list[list[int]]], float]:
+        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, and
+        the slowest worker's generation seconds."""
+        workers = self.rollouts.world_size
+        chunks = [list(c) for c in np.array_split(np.arange(len(plan.prompts)), workers)]
+        results = self._rollout_call(
+            "generate", [[plan.prompts[i] for i in c] for c in chunks], [seed] * workers
+        )
+        return [group for r in results for group in r["responses"]], max(r["seconds"] for r in results)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Learner -> rollout engines. Hybrid: in process, on every rank. Standalone: the learner puts
+        layer-aligned buckets into the object store (one copy per node) and hands the driver only their
+        references, which it forwards to every rollout worker. Returns rank 0's / the publisher's
+        `sync/*` figures (bytes, buckets and seconds per engine)."""
+        if self.hybrid:
+            return self.learners.sync_rollout()[0]
+        published = self.learners.publish_weights()[0]
+        self._rollout_call("load_weights", published["refs"])
+        return published["metrics"]
+
+
+@contextmanager
+def _timer(timing: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timing[name] = time.perf_counter() - start
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+@hydra.main(config_path="../../configs", config_name="grpo", version_base=None)
+def main(cfg: DictConfig) -> None:
+    final = GRPOTrainer(cfg).fit()
+    print(f"final checkpoint: {final}")
+
+
+if __name__ == "__main__":
+    main()

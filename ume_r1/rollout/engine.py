@@ -1,0 +1,54 @@
+"""The rollout engine interface: one protocol, two backends (`ume_r1.rollout.hf`, `ume_r1.rollout.vllm`),
+used by GRPO (through the Ray workers in `workers/`) and by the evaluation's embedder alike.
+
+    engine = make_engine(rollout_config, model_path, device, dtype)   # ume_r1.rollout.factory
+    groups = engine.generate(prompts, n=G, seed=s)        # G response token-id lists per prompt
+    engine.load_weights(named_tensors)                    # in place, any subset of the weights
+
+Backends: `hf` (transformers `generate`; can also run on a module it is handed, e.g. the FSDP actor's
+own weights) and `vllm` (an in-process vLLM engine; the CPU build in tests, the official build on GPU).
+Both stop at `<gen_emb>` or the checkpoint's end-of-turn ids (the stop token is kept), never sample a
+vision placeholder, cap new tokens at `response_length` and are deterministic by seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+
+from ume_r1.data.processor import EncodedPrompt
+from ume_r1.data.template import GEN_EMB, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+
+
+class RolloutEngine(Protocol):
+    stop_ids: list[int]
+    suppressed: list[int]
+
+    def generate(
+        self, prompts: list[EncodedPrompt], n: int, seed: int, do_sample: bool | None = None
+    ) -> list[list[list[int]]]:
+        """n responses per prompt; `do_sample=False` is greedy whatever the config says."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (HF name, tensor) pairs into the engine's weights; names not given keep their values."""
+
+
+def special_ids(tokenizer, eos_token_id: int | list[int] | None) -> tuple[list[int], list[int]]:
+    """(stop ids, suppressed ids): `<gen_emb>` and the checkpoint's end-of-turn / end-of-text tokens end
+    a response; vision placeholders are filled from pixels, so sampling one would corrupt the next
+    forward pass."""
+    vocab = tokenizer.get_vocab()
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    stop = list(dict.fromkeys([vocab[GEN_EMB], tokenizer.eos_token_id, *eos]))
+    return stop, [vocab[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)]
+
+
+def trim_at_stop(row: list[int], stop_ids: Iterable[int]) -> list[int]:
+    """Cut after the first stop token (kept); whatever follows it is dropped."""
+    stops = set(stop_ids)
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return row[: i + 1]
+    return row

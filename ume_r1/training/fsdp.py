@@ -1,0 +1,137 @@
+"""FSDP2 plumbing shared by the GRPO learner and the SFT trainer: process group, sharding, and
+gathering / saving the full weights as an HF checkpoint."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ume_r1.model.hf_checkpoint import write_hf_checkpoint
+from ume_r1.model.policy import EmbeddingPolicy
+
+
+def init_distributed(device: torch.device) -> None:
+    """nccl on GPU, gloo on CPU. Without a launcher's environment (torchrun, Ray worker groups) this
+    is a one-rank group on a free local port."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def shard(policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype, offload: bool = False) -> EmbeddingPolicy:
+    """FSDP2: each decoder layer is its own unit; the vision tower stays in the root unit, because a
+    rank whose micro-batch has no image skips it, and separately sharded vision blocks would then
+    leave the ranks' collectives out of step. `offload`: shards live in CPU memory between uses."""
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+    }
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in policy.model.model.language_model.layers:
+        fully_shard(layer, **kwargs)
+    return fully_shard(policy, **kwargs)
+
+
+def shard_from_rank0(
+    policy: EmbeddingPolicy, mesh, param_dtype: torch.dtype, device: torch.device, offload: bool = False
+) -> EmbeddingPolicy:
+    """Shard a policy whose weights only rank 0 has read (the other ranks built it on the meta device,
+    `load_model(weights=False)`), then broadcast them: one full copy per node at start-up, not one per
+    rank. Non-persistent buffers (rotary frequencies) are not in the state dict and are broadcast too.
+    Collective."""
+    rank0 = dist.get_rank() == 0
+    full = policy.state_dict() if rank0 else {}
+    policy = shard(policy, mesh, param_dtype, offload)
+    policy = policy.to(device) if rank0 else policy.to_empty(device=device)  # broadcasts need the device
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(policy, full, options=options)
+    del full
+    for _, buffer in sorted(policy.named_buffers()):
+        dist.broadcast(buffer, src=0)
+    if offload:  # CPUOffloadPolicy keeps parameter shards in host memory and buffers on the device
+        policy.to("cpu")
+        for buffer in policy.buffers():
+            buffer.data = buffer.data.to(device)
+    return policy
+
+
+def clip_and_step(
+    params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_norm: float
+) -> tuple[float, bool]:
+    """Clip the global gradient norm to `max_norm` and take the optimizer step, unless the norm is inf
+    or NaN: one bad batch must not poison the weights. Every rank sees the same global norm, so ranks
+    skip together. Returns the norm and whether the step was taken."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        optimizer.step()
+    return float(norm), finite
+
+
+def full_state_dict(policy: EmbeddingPolicy) -> dict[str, torch.Tensor]:
+    """Unsharded weights under HF names, on CPU; empty on ranks other than 0. Collective."""
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def save_hf_checkpoint(policy: EmbeddingPolicy, tokenizer, source_path: str, out_dir: str) -> str:
+    """Gathers the full weights and has rank 0 write them as an HF checkpoint (see
+    ume_r1.model.write_hf_checkpoint). Collective: every rank must call it."""
+    state = full_state_dict(policy)
+    if dist.get_rank() == 0:
+        write_hf_checkpoint(state, policy.model.config, tokenizer, source_path, out_dir)
+    dist.barrier()
+    return out_dir
+
+
+def iter_full_parameters(
+    policy: EmbeddingPolicy, dtype: torch.dtype, trainable_only: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor in `dtype`) one parameter at a time, so at most one unsharded parameter
+    (plus what the consumer keeps) is alive. Collective: every rank must iterate to the end."""
+    for name, param in policy.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        yield name.removeprefix("model."), full.detach().to(dtype)
+
+
+@contextmanager
+def gathered(policy: EmbeddingPolicy):
+    """Every FSDP unit of `policy` unsharded, and kept so across forwards: inside, modules run with no
+    collective, so each rank can generate its own prompts for as many steps as it needs. The hybrid
+    worker's hf rollout generates from the actor's own weights this way."""
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    inner = [u for u in units if u is not policy]  # the root keeps its own policy; it is not called here
+    for unit in inner:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in inner:
+            unit.set_reshard_after_forward(True, recurse=False)  # `shard` built them with the default
+        for unit in units:
+            unit.reshard()
