@@ -4,7 +4,7 @@ model (hidden 1536, vocabulary 151,936, tied embeddings) cut to two layers, fp32
 Each configuration runs in a fresh process (peak RSS is per process), alternately:
 - `before`: the log-prob formula the learner used until issue 8 (full fp32 logits, log-softmax over
   the vocabulary, gather), no gradient checkpointing;
-- `after`: `ume_r1.policy.token_log_probs` (1024-token chunks, each checkpointed) and gradient
+- `after`: `ume_r1.model.policy.token_log_probs` (1024-token chunks, each checkpointed) and gradient
   checkpointing of the decoder layers.
 One step = forward of the learner's policy (hidden states, response log-probs, embeddings), a
 token-mean loss, backward.

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ume_r1.data.rows import Side
-from ume_r1.data.rl_rows import load_examples
 from ume_r1.data.files import DataFileError, RowProblem, TooLong, open_rows
+from ume_r1.data.rl_rows import load_examples
+from ume_r1.data.rows import Side
 from ume_r1.data.sft_rows import CONVERSATION_COLUMNS, load_sft_pairs
 
 PERCENTILES = (50, 90, 99, 100)

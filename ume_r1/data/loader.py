@@ -22,9 +22,9 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from ume_r1.data.rows import ON_BAD_ROW, BadRowError
-from ume_r1.data.files import RowProblem, TooLong
 from ume_r1.data.batch_order import BatchOrder
+from ume_r1.data.files import RowProblem, TooLong
+from ume_r1.data.rows import ON_BAD_ROW, BadRowError
 
 TRUNCATION = ("error", "skip", "truncate")
 MAX_REPLACEMENTS = 16

@@ -18,9 +18,9 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from ume_r1.data.rows import Side
 from ume_r1.data.files import TooLong
 from ume_r1.data.media import MediaLimits, decode_image, decode_video
+from ume_r1.data.rows import Side
 from ume_r1.data.template import DISC_EMB, GEN_EMB, IMAGE_PAD, VIDEO_PAD, chat_prompt, user_text
 
 
@@ -105,7 +105,7 @@ class UMEProcessor:
             if token not in tokenizer.get_vocab():
                 raise ValueError(
                     f"tokenizer in '{path}' has no {token} token: it is not a UME model "
-                    "(load it with ume_r1.model.load_model, which adds the tokens, and save it)"
+                    "(load it with ume_r1.model.hf_checkpoint.load_model, which adds the tokens, and save it)"
                 )
         return cls(tokenizer, load_image_processor(path, max_pixels), max_prompt_length, limits)
 

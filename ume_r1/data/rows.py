@@ -40,8 +40,6 @@ class Side:
         return not self.text and not self.images and not self.video
 
 
-
-
 @dataclass
 class LoadReport:
     """Counts from one `load_examples` call; `reasons` holds one message per skipped row."""
@@ -76,12 +74,6 @@ def native_side(value: dict[str, Any] | None, root: str, name: str) -> Side:
         video=video_ref(value.get("video"), root, f"{name} video"),
     )
     return checked_side(side, name)
-
-
-
-
-
-
 
 
 RowParser = Callable[[dict[str, Any], str, int], T]

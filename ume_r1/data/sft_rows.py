@@ -8,7 +8,7 @@ turn) plus that side's assistant turn, ``<think>{reasoning}</think><answer>{summ
     query (side struct), query_response (string), positive (side struct),
     positive_response (string), task (string)
 
-The human turn's template is not stored: `ume_r1.template.chat_prompt` builds it from the side.
+The human turn's template is not stored: `ume_r1.data.template.chat_prompt` builds it from the side.
 
 The conversation layout of UME-R1's released SFT data (`UME-sft-train.json`, read by its
 Qwen-VL-finetune-style loader) is read too. The paper gives no schema and the public repository holds
@@ -33,9 +33,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ume_r1.data.rows import LoadReport, RowParser, RowProblem, Side, load_rows, native_side
 from ume_r1.data.media import image_refs, video_ref
-from ume_r1.data.rows import SIDE
+from ume_r1.data.rows import SIDE, LoadReport, RowParser, RowProblem, Side, load_rows, native_side
 from ume_r1.data.template import DISC_EMB, GEN_EMB, format_ok
 
 SFT_COLUMNS = ("query", "query_response", "positive", "positive_response", "task")

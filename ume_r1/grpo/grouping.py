@@ -2,7 +2,7 @@
 
 Every example contributes a query prompt; targets (positives and explicit negatives) are
 de-duplicated, so identical target prompts in a batch are generated once. Relations are kept
-per prompt, which is what the reward sees (ume_r1.reward_api.RewardBatch).
+per prompt, which is what the reward sees (ume_r1.reward.batch.RewardBatch).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ def init_ray(cfg: DictConfig) -> None:
 
 
 def worker_threads(cfg: DictConfig, concurrent: int) -> int:
+    """OpenMP threads per worker: `ray.threads_per_worker`, else the cores shared by `concurrent` workers."""
     if cfg.ray.threads_per_worker:
         return int(cfg.ray.threads_per_worker)
     return max(1, (os.cpu_count() or 1) // concurrent)
@@ -39,6 +40,8 @@ def worker_threads(cfg: DictConfig, concurrent: int) -> int:
 def worker_group(
     cls, pool: RayResourcePool, threads: int, config: DictConfig, role: str, timeout_s: float
 ) -> SupervisedGroup:
+    """A verl worker group of `cls` on `pool`, offline and with `threads` OpenMP threads per worker,
+    supervised as `role`: a call that a worker does not answer within `timeout_s` is an error naming it."""
     group = RayWorkerGroup(
         pool,
         RayClassWithInitArgs(cls=ray.remote(cls), config=config),

@@ -97,7 +97,7 @@ def full_state_dict(policy: EmbeddingPolicy) -> dict[str, torch.Tensor]:
 
 def save_hf_checkpoint(policy: EmbeddingPolicy, tokenizer, source_path: str, out_dir: str) -> str:
     """Gathers the full weights and has rank 0 write them as an HF checkpoint (see
-    ume_r1.model.write_hf_checkpoint). Collective: every rank must call it."""
+    ume_r1.model.hf_checkpoint.write_hf_checkpoint). Collective: every rank must call it."""
     state = full_state_dict(policy)
     if dist.get_rank() == 0:
         write_hf_checkpoint(state, policy.model.config, tokenizer, source_path, out_dir)
