@@ -3,10 +3,14 @@ session, a processor and model on it, in-process learners and batches, and write
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -164,3 +168,52 @@ def shutdown_ray():
     """The local Ray a test's trainer starts is shut down after the test."""
     yield
     ray.shutdown()
+
+
+def scored(learner, data, advantage: float | torch.Tensor) -> None:
+    """Old and reference log-probs of the current policy, and an advantage per row."""
+    data.union(learner.compute_log_prob(data))
+    data.union(learner.compute_ref_log_prob(data))
+    mask = data.batch["response_mask"].float()
+    data.batch["advantages"] = mask * torch.as_tensor(advantage).reshape(-1, 1)
+    data.meta_info["seed"] = 0
+    learner.config.actor.grad_clip = 1e9  # gradients as computed, not rescaled
+
+
+def grpo_config(tiny_model_dir: str, train_file: str, run_dir: Path, *extra: str) -> DictConfig:
+    """The tiny GRPO profile on `train_file` into `run_dir`, console logging only, with `extra` overrides."""
+    return compose_config(
+        "grpo",
+        "profile=tiny",
+        f"model.path={tiny_model_dir}",
+        f"data.train_files={train_file}",
+        f"trainer.default_local_dir={run_dir}",
+        "trainer.logger=[console]",
+        *extra,
+    )
+
+
+FORMATS = ["parquet", "jsonl", "json"]  # the row file formats every loader reads
+
+
+def jsonable(value):
+    """Parquet rows as JSON: image bytes become base64 strings."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_rows(rows: list[dict], path: Path, fmt: str, schema: pa.Schema | None = None) -> Path:
+    """`rows` as a file of format `fmt` (one of FORMATS) at `path` with that suffix."""
+    path = path.with_suffix(f".{fmt}")
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(jsonable(r)) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(jsonable(rows), indent=1))
+    return path

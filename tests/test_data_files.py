@@ -3,43 +3,18 @@ bad input is named (file and row or line), or skipped and counted where a row ca
 
 from __future__ import annotations
 
-import base64
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import FORMATS, jsonable, write_rows
 
 from ume_r1.data.files import DataFileError
 from ume_r1.data.media import MediaLimits, decode_image
 from ume_r1.data.rl_rows import load_examples
 from ume_r1.data.rows import BadRowError
 from ume_r1.data.sft_rows import load_sft_pairs
-
-FORMATS = ["parquet", "jsonl", "json"]
-
-
-def _jsonable(value):
-    """Parquet rows as JSON: image bytes become base64 strings."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_rows(rows: list[dict], path: Path, fmt: str, schema: pa.Schema | None = None) -> Path:
-    path = path.with_suffix(f".{fmt}")
-    if fmt == "parquet":
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    elif fmt == "jsonl":
-        path.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
-    else:
-        path.write_text(json.dumps(_jsonable(rows), indent=1))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +55,7 @@ def test_a_value_of_the_wrong_type_is_a_named_bad_row(rows, tmp_path, fmt):
 
 
 def test_jsonl_lines_cut_short_or_not_utf8_are_named_or_skipped(rows, tmp_path):
-    lines = [json.dumps(_jsonable(r)) for r in rows]
+    lines = [json.dumps(jsonable(r)) for r in rows]
     path = tmp_path / "rows.jsonl"
     path.write_bytes(
         "\n".join([lines[0], lines[1][:50], "", lines[2]]).encode()
@@ -166,7 +141,7 @@ def test_data_check_cli_reports_rows_media_lengths_and_bad_rows(rows, tiny_model
     good = write_rows(rows, tmp_path / "good", "parquet")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
-        json.dumps(_jsonable(rows[0])) + "\n{cut short\n" + json.dumps({"query": 3, "positive": {}}) + "\n"
+        json.dumps(jsonable(rows[0])) + "\n{cut short\n" + json.dumps({"query": 3, "positive": {}}) + "\n"
     )
     (tmp_path / "x.csv").write_text("query,positive\n")
     assert main(["check", str(good)]) == 0

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import FORMATS, write_rows
 from PIL import Image
-from test_data_files import FORMATS, write_rows
 
 from sft.step import encode_pair
 from ume_r1.data.batch_order import BatchOrder

@@ -8,23 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import grpo_config
 from transformers import Qwen2VLForConditionalGeneration
 
 from ume_r1.grpo.trainer import GRPOTrainer
-
-
-def grpo_config(tiny_model_dir: str, train_file: str, run_dir: Path, *extra: str):
-    return compose_config(
-        "grpo",
-        "profile=tiny",
-        f"model.path={tiny_model_dir}",
-        f"data.train_files={train_file}",
-        f"trainer.default_local_dir={run_dir}",
-        "trainer.logger=[console]",
-        *extra,
-    )
-
 
 LAYOUTS = [
     pytest.param(["rollout.num_workers=2"], id="cpu-2-rollout-workers"),

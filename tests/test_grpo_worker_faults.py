@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from test_grpo_e2e import grpo_config
+from conftest import grpo_config
 
 from ume_r1.grpo.supervision import WorkerFailure
 from ume_r1.grpo.trainer import GRPOTrainer

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import ray
 import torch.distributed as dist
-from conftest import compose_config
-from test_grpo_e2e import grpo_config
+from conftest import compose_config, grpo_config
 
 from sft.train import train
 from ume_r1.grpo.trainer import GRPOTrainer

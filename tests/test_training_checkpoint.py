@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import scored
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -128,8 +129,6 @@ def _rank_save(rank: int, port: int, model_dir: str, data, out: str) -> None:
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(learner, tiny_model_dir, mixed_batch, tmp_path):
-    from test_ppo_update import scored
-
     _, data = mixed_batch
     scored(learner, data, torch.linspace(-1.0, 1.5, len(data)))
     with socket.socket() as s:

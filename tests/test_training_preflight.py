@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import grpo_config
 
 import ume_r1.training.preflight as preflight
 from ume_r1.grpo.trainer import GRPOTrainer
@@ -39,8 +40,6 @@ def test_full_disk_is_named(tmp_path, monkeypatch):
 
 
 def test_grpo_refuses_an_unwritable_run_dir_before_starting_workers(tiny_model_dir, synthetic_dir, tmp_path):
-    from test_grpo_e2e import grpo_config
-
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     cfg = grpo_config(tiny_model_dir, synthetic_dir["train"], blocker / "run")

@@ -10,22 +10,13 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import scored
 
 from ume_r1.data.collate import media_inputs
 from ume_r1.grpo.learner_batch import pad_for_ranks
 from ume_r1.model.hf_checkpoint import load_model
 from ume_r1.model.policy import EmbeddingPolicy
 from ume_r1.training.micro_batches import SEQUENCE_KEYS
-
-
-def scored(learner, data, advantage: float | torch.Tensor) -> None:
-    """Old and reference log-probs of the current policy, and an advantage per row."""
-    data.union(learner.compute_log_prob(data))
-    data.union(learner.compute_ref_log_prob(data))
-    mask = data.batch["response_mask"].float()
-    data.batch["advantages"] = mask * torch.as_tensor(advantage).reshape(-1, 1)
-    data.meta_info["seed"] = 0
-    learner.config.actor.grad_clip = 1e9  # gradients as computed, not rescaled
 
 
 @pytest.mark.parametrize(
