@@ -68,27 +68,17 @@ def sft_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return make_synthetic_sft(str(tmp_path_factory.mktemp("sft_data")), seed=0, n_train=32, n_test=4)
 
 
-def compose_config(name: str, *overrides: str) -> DictConfig:
-    """configs/NAME.yaml with Hydra `overrides`, as the entry points compose it."""
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        return compose(config_name=name, overrides=list(overrides))
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir: str) -> UMEProcessor:
+    """The tiny model's processor with its default limits."""
+    return UMEProcessor.from_pretrained(tiny_model_dir)
 
 
-def make_learner(model_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> LearnerWorker:
-    """A learner worker in this process under the tiny profile, joining the process group that the
-    environment names (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT)."""
-    cfg = compose_config(
-        "grpo",
-        "profile=tiny",
-        f"model.path={model_dir}",
-        "data.train_files=unused",
-        "actor.optim.lr=1e-4",
-        "actor.ppo_mini_batch_size=null",
-        *overrides,
-    )
-    worker = LearnerWorker(learner_config(cfg))
-    worker.init_model(model_dir)
-    return worker
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir: str):
+    """The tiny model in eval mode (fp32, CPU) and its tokenizer."""
+    model, tokenizer = load_model(tiny_model_dir)
+    return model.eval(), tokenizer
 
 
 @pytest.fixture
@@ -134,35 +124,6 @@ def mixed_batch(tiny_model_dir: str, synthetic_dir: dict[str, str]) -> tuple[UME
     return processor, data
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir: str) -> UMEProcessor:
-    return UMEProcessor.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir: str):
-    model, tokenizer = load_model(tiny_model_dir)
-    return model.eval(), tokenizer
-
-
-def write_eval_set(path: Path, rows: list[dict]) -> str:
-    """An eval parquet file (EVAL_SCHEMA rows) at `path`."""
-    write_atomic(rows, str(path), EVAL_SCHEMA)
-    return str(path)
-
-
-def write_eval_config(path: Path, datasets: list[dict]) -> str:
-    """An eval config listing `datasets` at `path`."""
-    path.write_text(yaml.safe_dump({"datasets": datasets}))
-    return str(path)
-
-
-def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
-    """An RGB image of uniform random pixels, the same for the same seed."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
 @pytest.fixture
 def shutdown_ray():
     """The local Ray a test's trainer starts is shut down after the test."""
@@ -170,14 +131,10 @@ def shutdown_ray():
     ray.shutdown()
 
 
-def scored(learner, data, advantage: float | torch.Tensor) -> None:
-    """Old and reference log-probs of the current policy, and an advantage per row."""
-    data.union(learner.compute_log_prob(data))
-    data.union(learner.compute_ref_log_prob(data))
-    mask = data.batch["response_mask"].float()
-    data.batch["advantages"] = mask * torch.as_tensor(advantage).reshape(-1, 1)
-    data.meta_info["seed"] = 0
-    learner.config.actor.grad_clip = 1e9  # gradients as computed, not rescaled
+def compose_config(name: str, *overrides: str) -> DictConfig:
+    """configs/NAME.yaml with Hydra `overrides`, as the entry points compose it."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
 
 
 def grpo_config(tiny_model_dir: str, train_file: str, run_dir: Path, *extra: str) -> DictConfig:
@@ -191,6 +148,33 @@ def grpo_config(tiny_model_dir: str, train_file: str, run_dir: Path, *extra: str
         "trainer.logger=[console]",
         *extra,
     )
+
+
+def make_learner(model_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> LearnerWorker:
+    """A learner worker in this process under the tiny profile, joining the process group that the
+    environment names (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT)."""
+    cfg = compose_config(
+        "grpo",
+        "profile=tiny",
+        f"model.path={model_dir}",
+        "data.train_files=unused",
+        "actor.optim.lr=1e-4",
+        "actor.ppo_mini_batch_size=null",
+        *overrides,
+    )
+    worker = LearnerWorker(learner_config(cfg))
+    worker.init_model(model_dir)
+    return worker
+
+
+def scored(learner, data, advantage: float | torch.Tensor) -> None:
+    """Old and reference log-probs of the current policy, and an advantage per row."""
+    data.union(learner.compute_log_prob(data))
+    data.union(learner.compute_ref_log_prob(data))
+    mask = data.batch["response_mask"].float()
+    data.batch["advantages"] = mask * torch.as_tensor(advantage).reshape(-1, 1)
+    data.meta_info["seed"] = 0
+    learner.config.actor.grad_clip = 1e9  # gradients as computed, not rescaled
 
 
 FORMATS = ["parquet", "jsonl", "json"]  # the row file formats every loader reads
@@ -217,3 +201,21 @@ def write_rows(rows: list[dict], path: Path, fmt: str, schema: pa.Schema | None 
     else:
         path.write_text(json.dumps(jsonable(rows), indent=1))
     return path
+
+
+def write_eval_set(path: Path, rows: list[dict]) -> str:
+    """An eval parquet file (EVAL_SCHEMA rows) at `path`."""
+    write_atomic(rows, str(path), EVAL_SCHEMA)
+    return str(path)
+
+
+def write_eval_config(path: Path, datasets: list[dict]) -> str:
+    """An eval config listing `datasets` at `path`."""
+    path.write_text(yaml.safe_dump({"datasets": datasets}))
+    return str(path)
+
+
+def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
+    """An RGB image of uniform random pixels, the same for the same seed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
