@@ -17,12 +17,12 @@ import subprocess
 from pathlib import Path
 
 import torch
-from qwen2_vl_shapes import QWEN2_VL
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from ume_r1.data.processor import load_tokenizer
 from ume_r1.data.template import ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from ume_r1.model.hf_checkpoint import add_ume_tokens
+from ume_r1.model.qwen2_vl import SHAPES
 from ume_r1.model.tiny import build_tiny_model
 from ume_r1.synthetic.shapes_sft import make_synthetic_sft
 
@@ -38,7 +38,7 @@ def build_2b_shaped(out: Path, image_size: int) -> int:
         t: tokenizer.convert_tokens_to_ids(t)
         for t in (ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
     }
-    shape = QWEN2_VL["2B"]
+    shape = SHAPES["2B"]
     config = Qwen2VLConfig(
         text_config=dict(
             **shape["text_config"],

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_tiny import STAGES, median, run_sampled  # noqa: E402
-from qwen2_vl_shapes import QWEN2_VL  # noqa: E402
+
+from ume_r1.model.qwen2_vl import SHAPES  # noqa: E402
 
 GB = 1e9
 
@@ -137,7 +138,7 @@ def sizes(workers: int) -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     print(f"\n== weight sync per step at Qwen2-VL shapes (vision tower frozen; {workers} standalone workers)")
-    for name, kwargs in QWEN2_VL.items():
+    for name, kwargs in SHAPES.items():
         with torch.device("meta"):
             model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**kwargs))
         params = dict(model.named_parameters())

@@ -22,13 +22,14 @@ from PIL import Image
 from verl import DataProto
 
 from ume_r1.data.files import write_atomic
-from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.processor import UMEProcessor, load_image_processor
 from ume_r1.data.rl_rows import load_examples
 from ume_r1.data.rows import Side
 from ume_r1.eval.datasets import EVAL_SCHEMA
 from ume_r1.grpo.learner_batch import build_sequences
 from ume_r1.grpo.worker_groups import learner_config
 from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.qwen2_vl import build_qwen2_vl
 from ume_r1.model.tiny import build_tiny_model
 from ume_r1.synthetic.shapes import make_synthetic
 from ume_r1.synthetic.shapes_sft import make_synthetic_sft
@@ -66,6 +67,21 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def sft_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The synthetic SFT set: {"train": path, "test": path} (32 / 4 rows)."""
     return make_synthetic_sft(str(tmp_path_factory.mktemp("sft_data")), seed=0, n_train=32, n_test=4)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A stock Qwen2-VL-2B-shaped checkpoint: the real tokenizer and preprocessor, the tied 151,936-row
+    table, 2 decoder layers and 1 vision block (random bf16 weights, no UME tokens)."""
+    return build_qwen2_vl(tmp_path_factory.mktemp("qwen2-vl-2b") / "model", layers=2, vision_depth=1)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl(qwen2_vl_dir: str) -> tuple[UMEProcessor, torch.nn.Module]:
+    """The 2B-shaped checkpoint as training loads it (UME tokens added, fp32, eval mode) and its
+    processor."""
+    model, tokenizer = load_model(qwen2_vl_dir)
+    return UMEProcessor(tokenizer, load_image_processor(qwen2_vl_dir)), model.eval()
 
 
 @pytest.fixture(scope="module")

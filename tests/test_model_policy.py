@@ -1,8 +1,10 @@
 """The policy forward against the plain HF forward: the generative embedding at the last <gen_emb> of
-the response, and the response tokens' log-probs."""
+the response, and the response tokens' log-probs; on the tiny model and on the Qwen2-VL-2B shape (real
+tokenizer, tied table, head size 128, M-RoPE over an image and a video)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_image
@@ -53,30 +55,41 @@ def test_gen_emb_positions_unit() -> None:
     assert has.tolist() == [True, True, False, False, False]
 
 
+@pytest.fixture(params=["tiny", "qwen2_vl_2b"])
+def policy_model(request) -> tuple[UMEProcessor, torch.nn.Module]:
+    """(processor, model) of the tiny model and of the 2B shape."""
+    if request.param == "tiny":
+        return request.getfixturevalue("processor"), request.getfixturevalue("model_and_tokenizer")[0]
+    return request.getfixturevalue("qwen2_vl")
+
+
 def _prompts_and_responses(processor: UMEProcessor):
     tok = processor.tokenizer
     prompts = [
         processor.encode(Side("a red circle", images=[random_image(10, 56, 56)])),
         processor.encode(Side("what shape is shown here in the picture", images=[random_image(11, 84, 56)])),
         processor.encode(Side("a blue square")),
+        processor.encode(Side("a clip", video=[random_image(12, 56, 56), random_image(13, 56, 56)])),
     ]
     texts = [
         "<think>I see a red circle<gen_emb></think><answer>red circle<gen_emb> and more text",
         "<think>a square</think><answer>square</answer><gen_emb>",
         "<think>no tag here</think><answer>blue square",
+        "<think>two frames</think><answer>a clip<gen_emb>",
     ]
     responses = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     return prompts, responses
 
 
-def test_policy_embedding_is_last_response_gen_emb(processor: UMEProcessor, model_and_tokenizer) -> None:
-    model, _ = model_and_tokenizer
+def test_policy_embedding_is_last_response_gen_emb(policy_model) -> None:
+    processor, model = policy_model
     prompts, responses = _prompts_and_responses(processor)
     g = processor.gen_emb_id
     for p in prompts:  # the instruction's literal tag is tokenised as the special token
         assert g in p.input_ids
     assert responses[0].count(g) == 2 and responses[1].count(g) == 1 and g not in responses[2]
-    assert len({len(p.input_ids) for p in prompts}) == 3
+    assert len({len(p.input_ids) for p in prompts[:3]}) == 3
+    assert prompts[3].pixel_values_videos is not None and prompts[3].video_grid_thw[0, 0] == 1
 
     batch = pack_sequences(prompts, responses, processor.pad_id)
     media = media_inputs(prompts)
@@ -95,21 +108,21 @@ def test_policy_embedding_is_last_response_gen_emb(processor: UMEProcessor, mode
         assert batch["input_ids"][i, width + expected_index[i]] == (g if hits else resp[-1])
     expected = torch.stack([F.normalize(hidden[i, width + k], dim=-1) for i, k in enumerate(expected_index)])
 
-    assert out["has_gen_emb"].tolist() == [True, True, False]
+    assert out["has_gen_emb"].tolist() == [True, True, False, True]
     torch.testing.assert_close(out["embeddings"], expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out["embeddings"].norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out["embeddings"].norm(dim=-1), torch.ones(len(prompts)))
     # Not the first response tag, and not any prompt position holding the literal tag.
     first = F.normalize(hidden[0, width + responses[0].index(g)], dim=-1)
     assert not torch.allclose(out["embeddings"][0], first, atol=1e-3)
-    for i in range(3):
+    for i in range(len(prompts)):
         prompt_tag_positions = (batch["input_ids"][i, :width] == g).nonzero().flatten()
         assert len(prompt_tag_positions) > 0
         for pos in prompt_tag_positions:
             assert not torch.allclose(out["embeddings"][i], F.normalize(hidden[i, pos], dim=-1), atol=1e-3)
 
 
-def test_policy_log_probs_match_full_model(processor: UMEProcessor, model_and_tokenizer) -> None:
-    model, _ = model_and_tokenizer
+def test_policy_log_probs_match_full_model(policy_model) -> None:
+    processor, model = policy_model
     prompts, responses = _prompts_and_responses(processor)
     batch = pack_sequences(prompts, responses, processor.pad_id)
     media = media_inputs(prompts)
