@@ -71,9 +71,15 @@ def test_template_stop_ids_and_format_on_real_tokenizer_text(qwen2_vl_dir, qwen2
     assert prompt.count(151_657) == 1  # <disc_emb>: one token, once
     assert prompt.count(151_658) == 1  # the instruction names <gen_emb>; the response's is the embedding
     eos = GenerationConfig.from_pretrained(qwen2_vl_dir).eos_token_id
-    stop, suppressed = special_ids(tok, eos)
+    stop, suppressed = special_ids(tok, eos, 151_936)
     assert stop == [151_658, 151_645, 151_643]  # <gen_emb>, <|im_end|>, <|endoftext|>
-    assert sorted(suppressed) == [151_652, 151_653, 151_655, 151_656]  # vision placeholders
+    assert sorted(suppressed) == [
+        151_652,
+        151_653,
+        151_655,
+        151_656,
+        *range(151_659, 151_936),
+    ]  # vision, spare
     response = assistant_text("The image shows one red circle.", "a red circle")
     ids = tok(response, add_special_tokens=False)["input_ids"]
     assert all(len(tok(tag, add_special_tokens=False)["input_ids"]) > 1 for tag in ("<think>", "<answer>"))

@@ -35,14 +35,18 @@ class RolloutEngine(Protocol):
         """Copy (HF name, tensor) pairs into the engine's weights; names not given keep their values."""
 
 
-def special_ids(tokenizer, eos_token_id: int | list[int] | None) -> tuple[list[int], list[int]]:
+def special_ids(
+    tokenizer, eos_token_id: int | list[int] | None, vocab_size: int
+) -> tuple[list[int], list[int]]:
     """(stop ids, suppressed ids): `<gen_emb>` and the checkpoint's end-of-turn / end-of-text tokens end
-    a response; vision placeholders are filled from pixels, so sampling one would corrupt the next
-    forward pass."""
+    a response. Suppressed: the vision placeholders, which are filled from pixels (sampling one would
+    corrupt the next forward pass), and the table's rows past the tokenizer (`vocab_size` rows; a stock
+    Qwen2-VL-2B has 277 spare rows), which decode to nothing and were never trained."""
     vocab = tokenizer.get_vocab()
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     stop = list(dict.fromkeys([vocab[GEN_EMB], tokenizer.eos_token_id, *eos]))
-    return stop, [vocab[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)]
+    vision = [vocab[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)]
+    return stop, vision + list(range(len(tokenizer), vocab_size))
 
 
 def trim_at_stop(row: list[int], stop_ids: Iterable[int]) -> list[int]:

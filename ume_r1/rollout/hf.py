@@ -28,7 +28,9 @@ class HFRollout:
         self.config, self.device, self.gathered = config, device, gathered
         self.model, self.tokenizer = model, tokenizer
         self.pad_id = tokenizer.pad_token_id
-        self.stop_ids, self.suppressed = special_ids(tokenizer, model.generation_config.eos_token_id)
+        self.stop_ids, self.suppressed = special_ids(
+            tokenizer, model.generation_config.eos_token_id, model.config.get_text_config().vocab_size
+        )
 
     @classmethod
     def load(cls, model_path: str, config, device: torch.device, dtype: torch.dtype) -> HFRollout:

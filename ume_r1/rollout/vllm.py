@@ -44,7 +44,7 @@ def engine_environment(config) -> None:
 class VLLMRollout:
     def __init__(self, model_path: str, config, dtype: torch.dtype) -> None:
         engine_environment(config)
-        from transformers import GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
         from vllm import LLM
 
         if config.tensor_model_parallel_size != 1:
@@ -71,7 +71,8 @@ class VLLMRollout:
         )
         self.tokenizer = self.llm.get_tokenizer()
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        self.stop_ids, self.suppressed = special_ids(self.tokenizer, eos)
+        vocab_size = AutoConfig.from_pretrained(model_path).get_text_config().vocab_size
+        self.stop_ids, self.suppressed = special_ids(self.tokenizer, eos, vocab_size)
         vocab = self.tokenizer.get_vocab()
         self.image_pad_id, self.video_pad_id = vocab["<|image_pad|>"], vocab["<|video_pad|>"]
         self.asleep = False
