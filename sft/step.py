@@ -23,7 +23,8 @@ from ume_r1.data.batch_order import BatchOrder
 from ume_r1.data.collate import media_inputs, pack_sequences
 from ume_r1.data.files import TooLong
 from ume_r1.data.loader import EncodedRows, RowBatch, row_batches
-from ume_r1.data.processor import EncodedPrompt, UMEProcessor
+from ume_r1.data.media import MediaLimits
+from ume_r1.data.processor import EncodedPrompt, UMEProcessor, load_image_processor
 from ume_r1.data.sft_rows import SFTPair
 from ume_r1.model.policy import EmbeddingPolicy
 
@@ -94,6 +95,18 @@ def encode_pair(
         responses.append(ids)
         cut = cut or prompt.truncated
     return EncodedPairs(prompts, responses), cut
+
+
+def sft_processor(tokenizer, path: str, data_cfg) -> UMEProcessor:
+    """The processor of SFT rows over `tokenizer`, the one `load_model` returned: a stock checkpoint's
+    tokenizer has had the UME tokens added on the way in, in the table's spare rows. A prompt alone may
+    fill `data.max_length` (the bound of prompt + response)."""
+    return UMEProcessor(
+        tokenizer,
+        load_image_processor(path, data_cfg.max_pixels),
+        data_cfg.max_length,
+        MediaLimits.from_config(data_cfg),
+    )
 
 
 def pair_batches(

@@ -19,10 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import get_cosine_schedule_with_warmup
 
-from sft.step import EncodedPairs, pair_batches, sft_step
+from sft.step import EncodedPairs, pair_batches, sft_processor, sft_step
 from ume_r1.data.batch_order import BatchOrder
 from ume_r1.data.loader import BadRowCounts, gathered
-from ume_r1.data.media import MediaLimits
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.sft_rows import SFTPair, load_sft_pairs
 from ume_r1.eval.embed import Embedder
@@ -97,10 +96,10 @@ def train(cfg: DictConfig) -> dict:
             f"data: skipped {report.skipped} of {report.rows} rows (data.on_bad_row=skip): "
             f"{report.reasons[0]}"
         )
-    processor = sft_processor(cfg.model.path, cfg)
-
-    # Only rank 0 reads the checkpoint; shard_from_rank0 gives the other ranks their shards.
+    # Only rank 0 reads the checkpoint; shard_from_rank0 gives the other ranks their shards. A stock
+    # checkpoint gets the UME tokens here, in its spare rows.
     model, tokenizer = load_model(cfg.model.path, "cpu", torch.float32, weights=rank == 0)
+    processor = sft_processor(tokenizer, cfg.model.path, cfg.data)
     enable_gradient_checkpointing(model, tc.gradient_checkpointing, device)
     if tc.freeze_vision_tower:
         model.model.visual.requires_grad_(False)
@@ -204,18 +203,11 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-def sft_processor(path: str, cfg: DictConfig) -> UMEProcessor:
-    """SFT rows' processor: a prompt alone may fill `data.max_length` (the bound of prompt + response)."""
-    return UMEProcessor.from_pretrained(
-        path, cfg.data.max_length, cfg.data.max_pixels, MediaLimits.from_config(cfg.data)
-    )
-
-
 def evaluate_checkpoint(path: str, cfg: DictConfig) -> dict[str, float]:
     """Reloads the saved checkpoint (what the GRPO stage will see) and evaluates it."""
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(path, device, resolve_dtype(cfg.train.dtype, device))
-    processor = sft_processor(path, cfg)
+    model, tokenizer = load_model(path, device, resolve_dtype(cfg.train.dtype, device))
+    processor = sft_processor(tokenizer, path, cfg.data)
     pairs, _ = load_sft_pairs(cfg.data.test_files, cfg.data.image_root, cfg.data.on_bad_row)
     embedder = Embedder(model, processor, device, cfg.eval.batch_size, cfg.eval.max_new_tokens)
     return evaluate(embedder, pairs[: cfg.eval.max_queries], processor)

@@ -1,5 +1,5 @@
 """SFT losses against their formulas, GradCache against the full-batch step, two gloo ranks against
-one process, and the SFT checkpoint loading in the GRPO stage."""
+one process, and a stock checkpoint (no UME tokens) going into SFT as it is."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import compose_config
 from torch.distributed.device_mesh import init_device_mesh
 
 from sft.losses import cross_mode_nce, info_nce, token_nll
 from sft.step import encode_pairs, sft_step
-from ume_r1.data.processor import UMEProcessor
+from sft.train import train
+from ume_r1.data.processor import UMEProcessor, load_tokenizer
 from ume_r1.data.sft_rows import load_sft_pairs
+from ume_r1.data.template import UME_TOKENS
 from ume_r1.model.hf_checkpoint import load_model
 from ume_r1.model.policy import EmbeddingPolicy
+from ume_r1.model.tiny import build_tiny_model
 from ume_r1.synthetic.shapes_sft import make_synthetic_sft
 from ume_r1.training.fsdp import shard
 
@@ -171,3 +175,30 @@ def test_two_gloo_ranks_equal_one_process(tiny_model_dir, sft_pairs, tmp_path):
     assert ranks["grads"].keys() == reference.keys()
     for name, grad in reference.items():
         torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sft_starts_from_a_stock_checkpoint(sft_dir, tmp_path):
+    """A checkpoint as downloaded (no UME tokens) goes into SFT with no separate step: the tokens are
+    added in its spare rows on the way in, and the output is a UME checkpoint the processor accepts."""
+    stock = build_tiny_model(tmp_path / "stock", ume_tokens=False)
+    stock_size = len(load_tokenizer(stock))
+    with pytest.raises(ValueError, match="<disc_emb>"):
+        UMEProcessor.from_pretrained(stock)
+    cfg = compose_config(
+        "sft",
+        "profile=sft_tiny",
+        f"model.path={stock}",
+        f"data.train_files={sft_dir['train']}",
+        f"data.test_files={sft_dir['test']}",
+        "train.total_steps=2",
+        "train.global_batch_size=8",
+        f"output_dir={tmp_path / 'sft'}",
+        "eval.max_new_tokens=8",
+    )
+    try:
+        summary = train(cfg)
+    finally:
+        dist.destroy_process_group()
+    tokenizer = UMEProcessor.from_pretrained(summary["final"]).tokenizer
+    assert [tokenizer.convert_tokens_to_ids(t) for t in UME_TOKENS] == [stock_size, stock_size + 1]
+    assert len(load_model(summary["final"])[0].get_input_embeddings().weight) == stock_size + 2  # spare rows

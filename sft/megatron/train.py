@@ -32,11 +32,9 @@ from sft.losses import cross_mode_nce, info_nce, token_nll
 from sft.megatron.checkpoint import load_megatron_state, save_megatron_state
 from sft.megatron.convert import tp_merge
 from sft.megatron.model import MegatronQwen2VL, transformer_config
-from sft.step import EncodedPairs, pair_batches
+from sft.step import EncodedPairs, pair_batches, sft_processor
 from ume_r1.data.batch_order import BatchOrder
 from ume_r1.data.collate import media_inputs, pack_sequences
-from ume_r1.data.media import MediaLimits
-from ume_r1.data.processor import UMEProcessor, load_image_processor
 from ume_r1.data.sft_rows import load_sft_pairs
 from ume_r1.data.template import DISC_EMB, GEN_EMB
 from ume_r1.model.device import resolve_dtype
@@ -165,12 +163,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ),
     )
 
-    processor = UMEProcessor(
-        tokenizer,
-        load_image_processor(cfg.model.path, cfg.data.max_pixels),
-        cfg.data.max_length,
-        MediaLimits.from_config(cfg.data),
-    )
+    processor = sft_processor(tokenizer, cfg.model.path, cfg.data)
     pairs, _ = load_sft_pairs(cfg.data.train_files, cfg.data.image_root, cfg.data.on_bad_row)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     gbs = cfg.train.global_batch_size

@@ -105,7 +105,8 @@ class UMEProcessor:
             if token not in tokenizer.get_vocab():
                 raise ValueError(
                     f"tokenizer in '{path}' has no {token} token: it is not a UME model "
-                    "(load it with ume_r1.model.hf_checkpoint.load_model, which adds the tokens, and save it)"
+                    "(cold-start SFT turns a stock Qwen2-VL checkpoint into one: python -m sft.train "
+                    "model.path=... adds the tokens on the way in)"
                 )
         return cls(tokenizer, load_image_processor(path, max_pixels), max_prompt_length, limits)
 

@@ -78,10 +78,12 @@ def build_tiny_model(
     vision_depth: int = 1,
     image_size: int = 56,
     extra_text: list[str] | None = None,
+    ume_tokens: bool = True,
 ) -> str:
     """Build a randomly initialised Qwen2-VL of the real architecture, small enough for a CPU, with its
     tokenizer and image processor, saved as an ordinary HF directory (written to a temporary name, then
-    renamed). Returns the directory."""
+    renamed). `ume_tokens=False` leaves the UME tokens out, as a downloaded checkpoint does (the table
+    keeps their two rows spare). Returns the directory."""
     if hidden_size > 128:
         raise ValueError(f"tiny model hidden_size must be <= 128, got {hidden_size}")
     if hidden_size // num_heads < 32:
@@ -120,7 +122,8 @@ def build_tiny_model(
         tie_word_embeddings=False,
     )
     model = Qwen2VLForConditionalGeneration(config)
-    add_ume_tokens(model, tokenizer)
+    if ume_tokens:
+        add_ume_tokens(model, tokenizer)
     model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
     model.generation_config.pad_token_id = ids[ENDOFTEXT]
 
