@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from verl import DataProto
 
+from sft.train import train
 from ume_r1.data.files import write_atomic
 from ume_r1.data.processor import UMEProcessor, load_image_processor
 from ume_r1.data.rl_rows import load_examples
@@ -164,6 +165,27 @@ def grpo_config(tiny_model_dir: str, train_file: str, run_dir: Path, *extra: str
         "trainer.logger=[console]",
         *extra,
     )
+
+
+def run_sft(model_path: str, data: dict[str, str], out_dir: Path, *extra: str) -> dict:
+    """Two steps of the tiny SFT profile from `model_path` on `data` ({"train", "test"}) into `out_dir`,
+    in this process (its gloo group destroyed after), with `extra` overrides; returns train's summary."""
+    cfg = compose_config(
+        "sft",
+        "profile=sft_tiny",
+        f"model.path={model_path}",
+        f"data.train_files={data['train']}",
+        f"data.test_files={data['test']}",
+        "train.total_steps=2",
+        "train.global_batch_size=8",
+        f"output_dir={out_dir}",
+        "eval.max_new_tokens=8",
+        *extra,
+    )
+    try:
+        return train(cfg)
+    finally:
+        dist.destroy_process_group()
 
 
 def make_learner(model_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> LearnerWorker:

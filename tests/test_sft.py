@@ -13,12 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import run_sft
 from torch.distributed.device_mesh import init_device_mesh
 
 from sft.losses import cross_mode_nce, info_nce, token_nll
 from sft.step import encode_pairs, sft_step
-from sft.train import train
 from ume_r1.data.processor import UMEProcessor, load_tokenizer
 from ume_r1.data.sft_rows import load_sft_pairs
 from ume_r1.data.template import UME_TOKENS
@@ -184,21 +183,7 @@ def test_sft_starts_from_a_stock_checkpoint(sft_dir, tmp_path):
     stock_size = len(load_tokenizer(stock))
     with pytest.raises(ValueError, match="<disc_emb>"):
         UMEProcessor.from_pretrained(stock)
-    cfg = compose_config(
-        "sft",
-        "profile=sft_tiny",
-        f"model.path={stock}",
-        f"data.train_files={sft_dir['train']}",
-        f"data.test_files={sft_dir['test']}",
-        "train.total_steps=2",
-        "train.global_batch_size=8",
-        f"output_dir={tmp_path / 'sft'}",
-        "eval.max_new_tokens=8",
-    )
-    try:
-        summary = train(cfg)
-    finally:
-        dist.destroy_process_group()
+    summary = run_sft(stock, sft_dir, tmp_path / "sft")
     tokenizer = UMEProcessor.from_pretrained(summary["final"]).tokenizer
     assert [tokenizer.convert_tokens_to_ids(t) for t in UME_TOKENS] == [stock_size, stock_size + 1]
     assert len(load_model(summary["final"])[0].get_input_embeddings().weight) == stock_size + 2  # spare rows
