@@ -43,19 +43,24 @@ def write_hf_checkpoint(
     state: dict[str, torch.Tensor], hf_config: Qwen2VLConfig, tokenizer, source_path: str, out_dir: str
 ) -> str:
     """An HF directory from full weights under HF names: safetensors, tokenizer, and the source
-    checkpoint's image processor and generation config. Written to a temporary name and renamed, so
-    a crash never leaves a half-written checkpoint under the final name."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint's image processor and generation config (`save_checkpoint_dir`)."""
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration._from_config(hf_config)
     model.load_state_dict(state, assign=True, strict=True)
     if (Path(source_path) / "generation_config.json").is_file():
         model.generation_config = model.generation_config.from_pretrained(source_path)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    load_image_processor(source_path).save_pretrained(tmp)
+    return save_checkpoint_dir(out_dir, model, tokenizer, load_image_processor(source_path))
+
+
+def save_checkpoint_dir(out_dir: str | os.PathLike, *parts) -> str:
+    """Each of `parts` (model, tokenizer, image processor: anything with `save_pretrained`) saved into
+    `out_dir` through a temporary name and a rename, so a crash never leaves a half-written checkpoint
+    under the final name. Returns the directory."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in parts:
+        part.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return str(out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from ume_r1.data.template import (
     VISION_END,
     VISION_START,
 )
+from ume_r1.model.hf_checkpoint import save_checkpoint_dir
 
 # Qwen2-VL's special tokens in id order, from 151643 (right after the BPE ranks).
 SPECIAL_TOKENS = (
@@ -140,15 +140,8 @@ def build_qwen2_vl(
     model = Qwen2VLForConditionalGeneration(qwen2_vl_config(shape, layers, vision_depth)).to(dtype)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return str(out)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return save_checkpoint_dir(out_dir, model, tokenizer, image_processor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,8 +7,6 @@ random weights, a tokenizer trained here on a small built-in corpus, no hub down
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -30,7 +28,7 @@ from ume_r1.data.template import (
     VISION_END,
     VISION_START,
 )
-from ume_r1.model.hf_checkpoint import add_ume_tokens
+from ume_r1.model.hf_checkpoint import add_ume_tokens, save_checkpoint_dir
 
 # Words the synthetic tasks and templated reasoning use, so the tiny tokenizer learns useful merges.
 _TINY_CORPUS_WORDS = (
@@ -126,18 +124,10 @@ def build_tiny_model(
         add_ume_tokens(model, tokenizer)
     model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
     model.generation_config.pad_token_id = ids[ENDOFTEXT]
-
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    Qwen2VLImageProcessorPil(
-        min_pixels=image_size * image_size, max_pixels=image_size * image_size
-    ).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return str(out)
+    pixels = image_size * image_size
+    return save_checkpoint_dir(
+        out_dir, model, tokenizer, Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+    )
 
 
 def main() -> None:
