@@ -59,6 +59,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with one table for input and output embeddings (tied, as Qwen2-VL-2B)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tied") / "model", seed=0, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The synthetic shapes set: {"train": path, "test": path} (48 / 16 rows)."""
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, n_train=48, n_test=16)

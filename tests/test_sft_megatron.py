@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from safetensors import safe_open
 
 pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install -e '.[megatron]')")
 
@@ -15,7 +16,7 @@ from megatron.core import parallel_state  # noqa: E402
 from sft.megatron.convert import fuse_qkv, hf_to_mcore, mcore_to_hf, split_qkv, tp_merge, tp_split  # noqa: E402
 from sft.megatron.model import MegatronQwen2VL, build_gpt_model, transformer_config  # noqa: E402
 from ume_r1.data.collate import mm_token_type_ids
-from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.hf_checkpoint import load_model, write_hf_checkpoint
 
 
 def _free_port() -> int:
@@ -57,11 +58,11 @@ def test_hf_mcore_round_trip_is_exact(tiny_model_dir):
     model, _ = load_model(tiny_model_dir)
     text = model.config.text_config
     hf_sd = model.state_dict()
-    mc = hf_to_mcore(hf_sd, text)
+    mc = hf_to_mcore(hf_sd, text, tied=False)
     assert "decoder.layers.0.self_attention.linear_qkv.bias" in mc
     assert not any(k.startswith("model.language_model.") for k in mc)
     assert any(k.startswith("model.visual.") for k in mc)  # vision passes through under HF names
-    back = mcore_to_hf(mc, text)
+    back = mcore_to_hf(mc, text, tied=False)
     assert back.keys() == hf_sd.keys()
     for key, tensor in hf_sd.items():
         assert torch.equal(back[key], tensor), key
@@ -70,18 +71,39 @@ def test_hf_mcore_round_trip_is_exact(tiny_model_dir):
     )
 
 
-def test_tied_embeddings_round_trip(tiny_model_dir):
-    model, _ = load_model(tiny_model_dir)
-    hf_sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    mc = hf_to_mcore(hf_sd, model.config.text_config)
-    assert "output_layer.weight" not in mc
-    assert mcore_to_hf(mc, model.config.text_config).keys() == hf_sd.keys()
+def test_tied_model_round_trip_keeps_one_table(tied_model_dir, model_parallel, tmp_path):
+    """A tied model's HF state dict lists lm_head.weight (the embedding's tensor). Megatron must share
+    the embedding, not build an output layer from it, and the export must name one table that
+    transformers ties again on load (two tensors would reload untied: rollout and learner disagree)."""
+    model, tokenizer = load_model(tied_model_dir)
+    text = model.config.text_config
+    assert "lm_head.weight" in model.state_dict()
+    assert "output_layer.weight" not in hf_to_mcore(model.state_dict(), text, tied=True)
+    wrapped = MegatronQwen2VL.from_hf(model, transformer_config(text))
+    assert wrapped.gpt.share_embeddings_and_output_weights
+    assert "output_layer.weight" not in wrapped.gpt.state_dict()
+    table = wrapped.gpt.embedding.word_embeddings.weight
+    with torch.no_grad():
+        table[7] += 0.5  # what training does to the one table
+    out = write_hf_checkpoint(
+        wrapped.hf_state_dict(), wrapped.hf_config, tokenizer, tied_model_dir, tmp_path / "hf"
+    )
+    with safe_open(f"{out}/model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    reloaded, _ = load_model(out)
+    embed, head = reloaded.get_input_embeddings().weight, reloaded.get_output_embeddings().weight
+    assert head.data_ptr() == embed.data_ptr()
+    assert torch.equal(embed, table.detach())
 
 
 def test_mcore_state_dict_loads_strictly_into_gptmodel(tiny_model_dir, model_parallel):
     model, _ = load_model(tiny_model_dir)
     text = model.config.text_config
-    lm = {k: v for k, v in hf_to_mcore(model.state_dict(), text).items() if not k.startswith("model.")}
+    lm = {
+        k: v
+        for k, v in hf_to_mcore(model.state_dict(), text, tied=False).items()
+        if not k.startswith("model.")
+    }
     gpt = build_gpt_model(text, tied=False, mrope=torch.cuda.is_available())
     expected = {k for k in gpt.state_dict() if not k.endswith("_extra_state")}
     assert expected == set(lm)

@@ -12,7 +12,11 @@ the local (non Transformer Engine) layer spec, `get_gpt_layer_local_spec(normali
     decoder.layers.i.mlp.linear_fc1.weight         <- [gate_proj; up_proj]
     decoder.layers.i.mlp.linear_fc2.weight         <- down_proj.weight
     decoder.final_layernorm.weight                 <- model.language_model.norm.weight
-    output_layer.weight                            <- lm_head.weight (absent when tied)
+    output_layer.weight                            <- lm_head.weight (untied models only)
+
+A tied model (Qwen2-VL-2B: `tie_word_embeddings`) has one table: its HF state dict still lists
+`lm_head.weight` (the same tensor as `embed_tokens`), but the GPTModel shares its embedding instead of
+holding an output layer, and the export names the one table once.
 
 Fused QKV uses megatron's per-query-group interleaving: for group g, rows are [the q heads of g, k_g,
 v_g], so a column-parallel split along dim 0 hands each tensor-parallel rank whole groups.
@@ -79,8 +83,9 @@ def split_qkv(qkv: torch.Tensor, text_config: Any) -> tuple[torch.Tensor, torch.
     )
 
 
-def hf_to_mcore(hf_sd: dict[str, torch.Tensor], text_config: Any) -> dict[str, torch.Tensor]:
-    """Megatron GPTModel state dict of the language model, plus every non-language tensor unchanged."""
+def hf_to_mcore(hf_sd: dict[str, torch.Tensor], text_config: Any, tied: bool) -> dict[str, torch.Tensor]:
+    """Megatron GPTModel state dict of the language model, plus every non-language tensor unchanged;
+    `tied`: the model's `tie_word_embeddings` (then no output layer)."""
     prefix = _hf_prefix(hf_sd)
     used: set[str] = set()
 
@@ -99,7 +104,12 @@ def hf_to_mcore(hf_sd: dict[str, torch.Tensor], text_config: Any) -> dict[str, t
         gate, up = take(hf + "mlp.gate_proj.weight"), take(hf + "mlp.up_proj.weight")
         out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
     out["decoder.final_layernorm.weight"] = take(f"{prefix}norm.weight")
-    if "lm_head.weight" in hf_sd:  # absent when tied: megatron then shares the embedding
+    if tied:
+        if "lm_head.weight" in hf_sd and not torch.equal(
+            take("lm_head.weight"), out["embedding.word_embeddings.weight"]
+        ):
+            raise ValueError("tie_word_embeddings is set but lm_head.weight differs from embed_tokens.weight")
+    else:
         out["output_layer.weight"] = take("lm_head.weight")
     leftover = [k for k in hf_sd if k not in used]
     stray = [k for k in leftover if k.startswith(f"{prefix}layers.") or k.startswith(f"{prefix}norm")]
@@ -110,9 +120,10 @@ def hf_to_mcore(hf_sd: dict[str, torch.Tensor], text_config: Any) -> dict[str, t
 
 
 def mcore_to_hf(
-    mcore_sd: dict[str, torch.Tensor], text_config: Any, prefix: str = HF_PREFIXES[0]
+    mcore_sd: dict[str, torch.Tensor], text_config: Any, tied: bool, prefix: str = HF_PREFIXES[0]
 ) -> dict[str, torch.Tensor]:
-    """Inverse of hf_to_mcore (names as transformers >= 5 holds them in memory, unless `prefix`)."""
+    """Inverse of hf_to_mcore (names as transformers >= 5 holds them in memory, unless `prefix`); a tied
+    model's table appears once, as `embed_tokens` (transformers and vLLM tie `lm_head` to it on load)."""
     sd = {k: v for k, v in mcore_sd.items() if not k.endswith("_extra_state")}
     used: set[str] = set()
 
@@ -131,7 +142,7 @@ def mcore_to_hf(
         gate, up = take(mc + "mlp.linear_fc1.weight").chunk(2, dim=0)
         out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
     out[f"{prefix}norm.weight"] = take("decoder.final_layernorm.weight")
-    if "output_layer.weight" in sd:
+    if not tied:
         out["lm_head.weight"] = take("output_layer.weight")
     stray = [k for k in sd if k not in used and (k.startswith("decoder.") or k.startswith("embedding."))]
     if stray:

@@ -121,6 +121,7 @@ class MegatronQwen2VL(nn.Module):
         self.gpt = gpt
         self.hf_config = hf_model.config
         self.text_config = hf_model.config.text_config
+        self.tied = bool(hf_model.config.tie_word_embeddings)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, config: TransformerConfig | None = None) -> MegatronQwen2VL:
@@ -129,9 +130,9 @@ class MegatronQwen2VL(nn.Module):
         from sft.megatron.convert import tp_split
 
         text = hf_model.config.text_config
-        full = hf_to_mcore(hf_model.state_dict(), text)
+        tied = bool(hf_model.config.tie_word_embeddings)
+        full = hf_to_mcore(hf_model.state_dict(), text, tied)
         lm = {k: v for k, v in full.items() if k.startswith(("embedding.", "decoder.", "output_layer."))}
-        tied = "output_layer.weight" not in lm
         config = config or transformer_config(text)
         gpt = build_gpt_model(text, tied, config, mrope=torch.cuda.is_available())
         if config.tensor_model_parallel_size > 1:
@@ -207,5 +208,5 @@ class MegatronQwen2VL(nn.Module):
         """The full model in HF names (TP=1 only; gather shards with convert.tp_merge first otherwise)."""
         out = {k: v for k, v in self.state_dict().items() if not k.startswith("gpt.")}
         gpt = {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
-        out.update(mcore_to_hf(gpt, self.text_config))
+        out.update(mcore_to_hf(gpt, self.text_config, self.tied))
         return out

@@ -117,7 +117,7 @@ def export_hf(model: MegatronQwen2VL, source: str, tokenizer, out_dir: str) -> N
         lm = tp_merge(shards)
     if dist.get_rank() == 0:
         state = {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith("gpt.")}
-        state.update(mcore_to_hf({k: v.cpu() for k, v in lm.items()}, model.text_config))
+        state.update(mcore_to_hf({k: v.cpu() for k, v in lm.items()}, model.text_config, model.tied))
         write_hf_checkpoint(state, model.hf_config, tokenizer, source, out_dir)
     dist.barrier()
 

@@ -43,10 +43,14 @@ def write_hf_checkpoint(
     state: dict[str, torch.Tensor], hf_config: Qwen2VLConfig, tokenizer, source_path: str, out_dir: str
 ) -> str:
     """An HF directory from full weights under HF names: safetensors, tokenizer, and the source
-    checkpoint's image processor and generation config (`save_checkpoint_dir`)."""
+    checkpoint's image processor and generation config (`save_checkpoint_dir`). A tied model's table
+    may be named once (`embed_tokens`); `lm_head` is then that same tensor."""
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration._from_config(hf_config)
+    if hf_config.tie_word_embeddings:
+        state = {**state, "lm_head.weight": state["model.language_model.embed_tokens.weight"]}
     model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()  # assigned tensors are new parameters: tie them again (a no-op when untied)
     if (Path(source_path) / "generation_config.json").is_file():
         model.generation_config = model.generation_config.from_pretrained(source_path)
     return save_checkpoint_dir(out_dir, model, tokenizer, load_image_processor(source_path))

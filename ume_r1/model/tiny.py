@@ -77,11 +77,13 @@ def build_tiny_model(
     image_size: int = 56,
     extra_text: list[str] | None = None,
     ume_tokens: bool = True,
+    tie_word_embeddings: bool = False,
 ) -> str:
     """Build a randomly initialised Qwen2-VL of the real architecture, small enough for a CPU, with its
     tokenizer and image processor, saved as an ordinary HF directory (written to a temporary name, then
     renamed). `ume_tokens=False` leaves the UME tokens out, as a downloaded checkpoint does (the table
-    keeps their two rows spare). Returns the directory."""
+    keeps their two rows spare). `tie_word_embeddings`: one table for input and output, as Qwen2-VL-2B.
+    Returns the directory."""
     if hidden_size > 128:
         raise ValueError(f"tiny model hidden_size must be <= 128, got {hidden_size}")
     if hidden_size // num_heads < 32:
@@ -117,7 +119,7 @@ def build_tiny_model(
         video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     model = Qwen2VLForConditionalGeneration(config)
     if ume_tokens:
