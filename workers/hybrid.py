@@ -40,7 +40,7 @@ class ActorRolloutRefWorker(LearnerWorker):
             )
         else:
             dtype = resolve_dtype(rollout.dtype, self.device)
-            self.engine = make_engine(rollout, model_path, self.device, dtype)
+            self.engine = make_engine(rollout, model_path, self.device, dtype, colocated=True)
 
     @torch.no_grad()
     def _first_forward(self) -> None:
@@ -57,15 +57,21 @@ class ActorRolloutRefWorker(LearnerWorker):
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def generate(self, prompts: list[EncodedPrompt], seed: int) -> dict:
         self.policy.eval()
+        if self.config.rollout.name != "hf" and self.engine.weights_discarded:
+            self._sync()  # a step without an update: the engine slept through it with no weights
         return timed_generate(self.engine, prompts, self.config.rollout.n, seed + 1000 * self.rank)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def sync_rollout(self) -> dict[str, float]:
         """Actor -> this rank's engine, in process. Nothing to do for `hf`: it reads the actor itself."""
+        return self._sync()
+
+    def _sync(self) -> dict[str, float]:
+        """One engine load streaming every bucket (collective: each bucket is gathered from all ranks).
+        Frozen weights go too when the engine drops its weights while asleep."""
         stats, start = SyncStats(), time.perf_counter()
         if self.config.rollout.name != "hf":
-            for bucket in self.rollout_weight_buckets():
-                self.engine.load_weights(bucket)
-                stats.add(bucket)
+            trainable_only = not self.engine.resends_all_weights
+            self.engine.load_weights(stats.stream(self.rollout_weight_buckets(trainable_only)))
         stats.seconds = time.perf_counter() - start
         return stats.metrics()

@@ -258,14 +258,14 @@ class LearnerWorker(ConfiguredWorker):
         loss.backward()
         return metrics
 
-    def rollout_weight_buckets(self):
+    def rollout_weight_buckets(self, trainable_only: bool = True):
         """The actor's weights for rollout engines: full tensors in the engine's compute dtype (bf16 on
-        GPU), in layer-aligned buckets of at most `rollout.weight_bucket_mb`. Trainable parameters only:
-        every engine loaded the same checkpoint, so frozen ones (a frozen vision tower) already match.
-        Collective on all ranks."""
+        GPU), in layer-aligned buckets of at most `rollout.weight_bucket_mb`. By default trainable
+        parameters only: every engine loaded the same checkpoint, so frozen ones (a frozen vision tower)
+        already match. Collective on all ranks."""
         rollout = self.config.rollout
         named = iter_full_parameters(
-            self.policy, resolve_dtype(rollout.dtype, self.device), trainable_only=True
+            self.policy, resolve_dtype(rollout.dtype, self.device), trainable_only=trainable_only
         )
         return buckets(named, int(rollout.weight_bucket_mb * 2**20))
 

@@ -15,17 +15,22 @@ from verl.single_controller.base.decorator import Dispatch, register
 
 from ume_r1.data.processor import EncodedPrompt
 from ume_r1.model.device import resolve_device, resolve_dtype
-from ume_r1.rollout.engine import RolloutEngine
+from ume_r1.rollout.engine import RolloutEngine, Sampled
 from ume_r1.rollout.factory import make_engine
 from ume_r1.rollout.weights import SyncStats
 from workers.base import ConfiguredWorker
 
 
 def timed_generate(engine: RolloutEngine, prompts: list[EncodedPrompt], n: int, seed: int) -> dict:
-    """G = n responses per prompt and the seconds it took (the step's `timing_s/generate`)."""
+    """G = n responses per prompt, the engine's log-probs of their tokens, and the seconds it took (the
+    step's `timing_s/generate`)."""
     start = time.perf_counter()
-    responses = engine.generate(prompts, n, seed) if prompts else []
-    return {"responses": responses, "seconds": time.perf_counter() - start}
+    sampled = engine.sample(prompts, n, seed) if prompts else Sampled([], [])
+    return {
+        "responses": sampled.responses,
+        "logprobs": sampled.logprobs,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 class RolloutWorker(ConfiguredWorker):
@@ -41,12 +46,10 @@ class RolloutWorker(ConfiguredWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_weights(self, bucket_refs: list[ray.ObjectRef]) -> dict[str, float]:
-        """Fetch the published buckets one at a time (peak memory: one bucket) into the engine."""
+        """The published buckets into the engine in one load, each fetched as the load reaches it (peak
+        memory: one bucket)."""
         stats, start = SyncStats(), time.perf_counter()
-        for ref in bucket_refs:
-            bucket = ray.get(ref)
-            self.engine.load_weights(bucket)
-            stats.add(bucket)
+        self.engine.load_weights(stats.stream(ray.get(ref) for ref in bucket_refs))
         stats.seconds = time.perf_counter() - start
         return stats.metrics()
 

@@ -61,6 +61,25 @@ def reward_group_stats(scores: dict[str, torch.Tensor], prompt_index: torch.Tens
     return out
 
 
+def rollout_probs_diff(
+    engine_logprobs: list[list[list[float]]], old_log_probs: torch.Tensor, response_mask: torch.Tensor
+) -> dict[str, float]:
+    """verl's `training/rollout_probs_diff_*`: |p_engine - p_learner| of every sampled token, the rollout
+    engine's probability against the learner's old one (same tokens, same temperature). Near zero when
+    the engine holds the actor's weights; a stale or half-applied weight sync shows here first."""
+    engine = torch.zeros_like(old_log_probs, dtype=torch.float32)
+    for i, row in enumerate(row for group in engine_logprobs for row in group):
+        engine[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    mask = response_mask.bool()
+    diff = (engine.exp() - old_log_probs.float().exp()).abs()[mask]
+    if not diff.numel():
+        return {}
+    return {
+        "training/rollout_probs_diff_max": float(diff.max()),
+        "training/rollout_probs_diff_mean": float(diff.mean()),
+    }
+
+
 def step_metrics(
     plan: StepPrompts,
     data: DataProto,

@@ -31,7 +31,7 @@ from ume_r1.eval.metrics import reasoning_sensitivity
 from ume_r1.grpo.advantages import drop_flat_groups, grpo_advantages
 from ume_r1.grpo.grouping import EncodedExample, StepPrompts, encode_example, plan_prompts
 from ume_r1.grpo.learner_batch import build_sequences, pad_for_ranks
-from ume_r1.grpo.step_metrics import reward_group_stats, step_metrics
+from ume_r1.grpo.step_metrics import reward_group_stats, rollout_probs_diff, step_metrics
 from ume_r1.grpo.supervision import SupervisedGroup, WorkerFailure
 from ume_r1.grpo.worker_groups import init_ray, learner_config, plain, worker_group, worker_threads
 from ume_r1.reward.batch import RewardBatch
@@ -257,7 +257,9 @@ class GRPOTrainer:
         with _timer(timing, "prepare"):
             plan = plan_prompts(examples)
         with _timer(timing, "rollout"):
-            responses, timing["generate"] = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
+            responses, engine_logprobs, timing["generate"] = self.rollout(
+                plan, seed=cfg.trainer.seed * 100_003 + step
+            )
         with _timer(timing, "forward"):
             data, prompt_index = build_sequences(plan.prompts, responses, self.processor.pad_id)
             data.meta_info["seed"] = step
@@ -266,6 +268,9 @@ class GRPOTrainer:
             data.union(out)
             if cfg.actor.use_kl_loss:
                 data.union(self.learners.compute_ref_log_prob(padded)[: len(data)])
+        update_metrics = rollout_probs_diff(
+            engine_logprobs, data.batch["old_log_probs"], data.batch["response_mask"]
+        )
         with _timer(timing, "reward"):
             texts = self.tokenizer.batch_decode([r for group in responses for r in group])
             batch = RewardBatch(
@@ -282,7 +287,7 @@ class GRPOTrainer:
         data.batch["advantages"] = grpo_advantages(
             scores["reward"], data.batch["response_mask"], prompt_index, cfg.algorithm.norm_adv_by_std_in_grpo
         )
-        update_metrics = reward_group_stats(scores, prompt_index)
+        update_metrics.update(reward_group_stats(scores, prompt_index))
         if cfg.trainer.reasoning_sensitivity_freq > 0 and step % cfg.trainer.reasoning_sensitivity_freq == 0:
             with _timer(timing, "probe"):
                 update_metrics["embedding/reasoning_sensitivity"] = self.probe_reasoning(
@@ -346,15 +351,21 @@ class GRPOTrainer:
         )
         return reasoning_sensitivity(data.batch["embeddings"], out.batch["embeddings"], valid)
 
-    def rollout(self, plan: StepPrompts, seed: int) -> tuple[list[list[list[int]]], float]:
-        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, and
-        the slowest worker's generation seconds."""
+    def rollout(
+        self, plan: StepPrompts, seed: int
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]], float]:
+        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, the
+        engines' log-probs of their tokens, and the slowest worker's generation seconds."""
         workers = self.rollouts.world_size
         chunks = [list(c) for c in np.array_split(np.arange(len(plan.prompts)), workers)]
         results = self._rollout_call(
             "generate", [[plan.prompts[i] for i in c] for c in chunks], [seed] * workers
         )
-        return [group for r in results for group in r["responses"]], max(r["seconds"] for r in results)
+        return (
+            [group for r in results for group in r["responses"]],
+            [group for r in results for group in r["logprobs"]],
+            max(r["seconds"] for r in results),
+        )
 
     def sync_weights(self) -> dict[str, float]:
         """Learner -> rollout engines. Hybrid: in process, on every rank. Standalone: the learner puts

@@ -3,7 +3,8 @@ used by GRPO (through the Ray workers in `workers/`) and by the evaluation's emb
 
     engine = make_engine(rollout_config, model_path, device, dtype)   # ume_r1.rollout.factory
     groups = engine.generate(prompts, n=G, seed=s)        # G response token-id lists per prompt
-    engine.load_weights(named_tensors)                    # in place, any subset of the weights
+    sampled = engine.sample(prompts, n=G, seed=s)         # the same draw, with each token's log-prob
+    engine.load_weights(named_tensors)                    # in place, any subset of the weights, one pass
 
 Backends: `hf` (transformers `generate`; can also run on a module it is handed, e.g. the FSDP actor's
 own weights) and `vllm` (an in-process vLLM engine; the CPU build in tests, the official build on GPU).
@@ -14,12 +15,24 @@ vision placeholder, cap new tokens at `response_length` and are deterministic by
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ume_r1.data.processor import EncodedPrompt
 from ume_r1.data.template import GEN_EMB, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+
+
+@dataclass
+class Sampled:
+    """G responses per prompt (token ids, the stop token kept) and the engine's log-prob of each token
+    under the distribution it sampled from: the logits with the suppressed ids removed, divided by the
+    temperature. The learner's old log-probs are of the same tokens at the same temperature, so the two
+    differ only by what the engine's weights differ by (a stale or half-applied sync shows there)."""
+
+    responses: list[list[list[int]]]
+    logprobs: list[list[list[float]]]
 
 
 class RolloutEngine(Protocol):
@@ -31,8 +44,12 @@ class RolloutEngine(Protocol):
     ) -> list[list[list[int]]]:
         """n responses per prompt; `do_sample=False` is greedy whatever the config says."""
 
+    def sample(self, prompts: list[EncodedPrompt], n: int, seed: int) -> Sampled:
+        """n responses per prompt as the config samples them, with their log-probs."""
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (HF name, tensor) pairs into the engine's weights; names not given keep their values."""
+        """Copy (HF name, tensor) pairs into the engine's weights in one pass over `weights` (a stream:
+        it may be a generator that fetches or gathers as it goes); names not given keep their values."""
 
 
 def special_ids(

@@ -22,8 +22,11 @@ def rollout_config(**overrides) -> DictConfig:
     return OmegaConf.merge(base, {"device": "cpu", "seed": 0}, overrides)
 
 
-def make_engine(config, model_path: str, device: torch.device, dtype: torch.dtype) -> RolloutEngine:
-    """The backend `config.name` names, loaded from a local HF checkpoint."""
+def make_engine(
+    config, model_path: str, device: torch.device, dtype: torch.dtype, colocated: bool = False
+) -> RolloutEngine:
+    """The backend `config.name` names, loaded from a local HF checkpoint; `colocated`: it shares its
+    device with a learner (the hybrid worker), so a vLLM engine sleeps while the learner trains."""
     if config.name == "hf":
         from ume_r1.rollout.hf import HFRollout
 
@@ -31,5 +34,5 @@ def make_engine(config, model_path: str, device: torch.device, dtype: torch.dtyp
     if config.name == "vllm":
         from ume_r1.rollout.vllm import VLLMRollout
 
-        return VLLMRollout(model_path, config, dtype)
+        return VLLMRollout(model_path, config, dtype, colocated)
     raise ValueError(f"rollout.name={config.name!r} is not a known backend; available: {list(BACKENDS)}")

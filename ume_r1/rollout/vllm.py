@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ume_r1.data.processor import EncodedPrompt
-from ume_r1.rollout.engine import special_ids, trim_at_stop
+from ume_r1.rollout.engine import Sampled, special_ids, trim_at_stop
 
 
 def collapse_placeholders(input_ids: list[int], pad_ids: Iterable[int]) -> list[int]:
@@ -41,8 +41,53 @@ def engine_environment(config) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(config.cpu_kvcache_space_gb)))
 
 
+def seeded_requests(config) -> bool:
+    """Per-request seeds (`rollout.per_request_seed`): repeatable sampling, which exact resume and the
+    tests need, at the price of vLLM's per-request generator path (its own code calls it slow). auto: on
+    where there is no GPU (CPU runs and tests), off on CUDA."""
+    choice = config.per_request_seed
+    return not torch.cuda.is_available() if choice == "auto" else bool(choice)
+
+
+def chunked_prefill(config) -> bool | None:
+    """`rollout.enable_chunked_prefill`; auto: off with seeded requests (they repeat only without it,
+    measured on the CPU build), else vLLM's own default (None)."""
+    choice = config.enable_chunked_prefill
+    if choice == "auto":
+        return False if seeded_requests(config) else None
+    return bool(choice)
+
+
+def sleep_level(config, colocated: bool) -> int:
+    """0: the engine never sleeps (no CUDA: the CPU build has no sleep mode; or a standalone engine,
+    which owns its GPU). In the hybrid worker with `rollout.free_cache_engine`: level 2, which drops
+    weights and KV cache, because every sync re-sends every weight anyway (frozen ones too); level 1
+    would copy all weights to host memory and back every step only for them to be overwritten."""
+    return 2 if colocated and config.free_cache_engine and torch.cuda.is_available() else 0
+
+
+def refresh_tied_head(worker) -> None:
+    """Run inside vLLM's worker after a reload of a tied model. vLLM ties the output head to the
+    embedding by sharing the parameter, so a reload updates both; but the layer-wise reload processes
+    only the layer that received the tensor (the embedding), and a kernel's own prepared copy of the
+    head (the CPU build's prepacked GEMM) would stay stale. Processing the head again rebuilds it (on
+    CUDA, where the head is a plain matmul over the shared parameter, it changes nothing)."""
+    for module in worker.model_runner.get_model().modules():
+        if type(module).__name__ == "ParallelLMHead":
+            module.quant_method.process_weights_after_loading(module)
+
+
+def empty_cache() -> None:
+    """Return torch's cached CUDA blocks to the driver, so that vLLM's allocator can take them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class VLLMRollout:
-    def __init__(self, model_path: str, config, dtype: torch.dtype) -> None:
+    """`colocated`: the engine shares its GPU with the FSDP learner (the hybrid worker), so it sleeps
+    while the learner trains (see `sleep_level`)."""
+
+    def __init__(self, model_path: str, config, dtype: torch.dtype, colocated: bool = False) -> None:
         engine_environment(config)
         from transformers import AutoConfig, GenerationConfig
         from vllm import LLM
@@ -53,6 +98,8 @@ class VLLMRollout:
                 "one rank (use more rollout workers, or the hf backend, to scale out)"
             )
         self.config = config
+        self.seeded = seeded_requests(config)
+        self.sleep_level = sleep_level(config, colocated)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -61,26 +108,35 @@ class VLLMRollout:
             enforce_eager=bool(config.enforce_eager),
             gpu_memory_utilization=float(config.gpu_memory_utilization),
             tensor_parallel_size=1,
+            # null: vLLM's defaults (by device: e.g. 1024 sequences on an H100/H200)
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=int(config.max_num_seqs),
-            # Seeded sampling repeats only without chunked prefill (measured on the CPU build).
-            enable_chunked_prefill=bool(config.enable_chunked_prefill),
+            max_num_seqs=config.max_num_seqs,
+            enable_chunked_prefill=chunked_prefill(config),
             enable_prefix_caching=bool(config.enable_prefix_caching),
-            enable_sleep_mode=self._can_sleep(config),
+            enable_sleep_mode=self.sleep_level > 0,
             limit_mm_per_prompt=dict(config.limit_mm_per_prompt),
+            # log-probs of the distribution sampled from (temperature, suppressed ids), as the learner's
+            logprobs_mode="processed_logprobs",
         )
         self.tokenizer = self.llm.get_tokenizer()
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        vocab_size = AutoConfig.from_pretrained(model_path).get_text_config().vocab_size
+        hf_config = AutoConfig.from_pretrained(model_path)
+        vocab_size = hf_config.get_text_config().vocab_size
+        self.tied = bool(hf_config.tie_word_embeddings)
         self.stop_ids, self.suppressed = special_ids(self.tokenizer, eos, vocab_size)
         vocab = self.tokenizer.get_vocab()
         self.image_pad_id, self.video_pad_id = vocab["<|image_pad|>"], vocab["<|video_pad|>"]
         self.asleep = False
 
-    @staticmethod
-    def _can_sleep(config) -> bool:
-        """vLLM's sleep mode (free the KV cache during the update) exists on CUDA only."""
-        return bool(config.free_cache_engine) and torch.cuda.is_available()
+    @property
+    def resends_all_weights(self) -> bool:
+        """Whether a sync must carry frozen weights too (they do not survive sleep level 2)."""
+        return self.sleep_level == 2
+
+    @property
+    def weights_discarded(self) -> bool:
+        """Asleep at level 2: the engine holds no weights until the next `load_weights`."""
+        return self.asleep and self.sleep_level == 2
 
     def _request(self, prompt: EncodedPrompt) -> dict:
         media = {}
@@ -91,7 +147,7 @@ class VLLMRollout:
         ids = collapse_placeholders(prompt.input_ids, (self.image_pad_id, self.video_pad_id))
         return {"prompt_token_ids": ids, **({"multi_modal_data": media} if media else {})}
 
-    def _sampling(self, n: int, seed: int, do_sample: bool):
+    def _sampling(self, n: int, seed: int, do_sample: bool, with_logprobs: bool):
         from vllm import SamplingParams
 
         cfg = self.config
@@ -99,7 +155,8 @@ class VLLMRollout:
             max_tokens=int(cfg.response_length),
             stop_token_ids=self.stop_ids,
             logit_bias={tok: float("-inf") for tok in self.suppressed},
-            seed=seed,
+            seed=seed if self.seeded else None,
+            logprobs=0 if with_logprobs else None,  # 0: the sampled token's only
             detokenize=False,
         )
         if not do_sample:  # vLLM samples greedily once; the n copies are identical anyway
@@ -116,38 +173,71 @@ class VLLMRollout:
         self, prompts: list[EncodedPrompt], n: int, seed: int, do_sample: bool | None = None
     ) -> list[list[list[int]]]:
         sample = self.config.do_sample if do_sample is None else do_sample
+        return self._draw(prompts, n, seed, sample, with_logprobs=False).responses
+
+    def sample(self, prompts: list[EncodedPrompt], n: int, seed: int) -> Sampled:
+        return self._draw(prompts, n, seed, bool(self.config.do_sample), with_logprobs=True)
+
+    def _draw(
+        self, prompts: list[EncodedPrompt], n: int, seed: int, sample: bool, with_logprobs: bool
+    ) -> Sampled:
         self.wake_up()
-        params = [self._sampling(n, seed + i, sample) for i in range(len(prompts))]
+        params = [self._sampling(n, seed + i, sample, with_logprobs) for i in range(len(prompts))]
         outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
-        groups = []
+        responses, logprobs = [], []
         for prompt, output in zip(prompts, outputs, strict=True):
             if list(output.prompt_token_ids) != prompt.input_ids:
                 raise RuntimeError(
                     f"vLLM expanded a prompt to {len(output.prompt_token_ids)} tokens, the processor to "
-                    f"{len(prompt.input_ids)}: the checkpoint's image processor settings (min/max pixels) "
-                    "differ from data.max_pixels"
+                    f"{len(prompt.input_ids)}: the checkpoint's image / video processor settings differ "
+                    "from data.max_pixels / data.video_* (they reach vLLM as mm_processor_kwargs)"
                 )
-            responses = [trim_at_stop(list(o.token_ids), self.stop_ids) for o in output.outputs]
-            groups.append(responses * n if not sample else responses)
+            rows = [trim_at_stop(list(o.token_ids), self.stop_ids) for o in output.outputs]
+            values = [
+                # row: a prefix of o.token_ids
+                [step[tok].logprob for step, tok in zip(o.logprobs, row, strict=False)]
+                if with_logprobs
+                else []
+                for o, row in zip(output.outputs, rows, strict=True)
+            ]
+            copies = 1 if sample else n
+            responses.append(rows * copies)
+            logprobs.append(values * copies)
         self.sleep()
-        return groups
+        return Sampled(responses, logprobs)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """In place through the worker's `reload_weights` (plain `load_weights` fails on CPU, where
-        weights are repacked for oneDNN). Layers not named keep their weights, so a bucket may hold
-        any whole layers. The caches keyed by content (prefix, encoder outputs) are stale after it."""
-        self.wake_up()
+        """All of `weights` in one `reload_weights` pass (plain `load_weights` fails on CPU, where weights
+        are repacked for oneDNN): vLLM's layer-wise reload is set up once and streams the buckets as
+        they come. Layers not named keep their weights, so the stream may hold any whole layers. The
+        caches keyed by content (prefix, encoder outputs) are stale after it and are reset, once.
+        Asleep, it wakes in verl's order: torch's cached blocks freed, the weights' memory back, the
+        load, freed again, then the KV cache back."""
+        waking = self.asleep
+        if waking:
+            empty_cache()
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.tied:
+            self.llm.collective_rpc(refresh_tied_head)
+        if waking:
+            empty_cache()
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """Free the KV cache while the learner trains (GPU, `rollout.free_cache_engine`)."""
-        if self._can_sleep(self.config) and not self.asleep:
-            self.llm.sleep(level=1)
+        """Free the KV cache (and at level 2 the weights) while the learner trains."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
             self.asleep = True
 
     def wake_up(self) -> None:
+        if self.weights_discarded:
+            raise RuntimeError(
+                "the vLLM engine slept at level 2 (weights dropped): load_weights before generating"
+            )
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False

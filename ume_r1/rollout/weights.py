@@ -59,6 +59,13 @@ class SyncStats:
         self.tensors += len(bucket)
         self.buckets += 1
 
+    def stream(self, buckets: Iterable[Named]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors of `buckets` one after another, counted as they pass (one engine load takes them
+        all in a single pass)."""
+        for bucket in buckets:
+            self.add(bucket)
+            yield from bucket
+
     def metrics(self) -> dict[str, float]:
         return {
             "sync/bytes": float(self.bytes),
