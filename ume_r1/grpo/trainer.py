@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from verl import DataProto
-from verl.single_controller.ray import RayResourcePool
 
 from ume_r1.data.batch_order import BatchOrder
 from ume_r1.data.loader import BadRowCounts, EncodedRows, row_batches
@@ -33,7 +32,7 @@ from ume_r1.grpo.grouping import EncodedExample, StepPrompts, encode_example, pl
 from ume_r1.grpo.learner_batch import build_sequences, pad_for_ranks
 from ume_r1.grpo.step_metrics import reward_group_stats, rollout_probs_diff, step_metrics
 from ume_r1.grpo.supervision import SupervisedGroup, WorkerFailure
-from ume_r1.grpo.worker_groups import init_ray, learner_config, plain, worker_group, worker_threads
+from ume_r1.grpo.worker_groups import init_ray, learner_config, node_pool, plain, worker_group
 from ume_r1.reward.batch import RewardBatch
 from ume_r1.reward.registry import available_rewards
 from ume_r1.training.checkpoint import (
@@ -117,19 +116,20 @@ class GRPOTrainer:
         )
         self.timeout_s = float(cfg.trainer.worker_timeout_s)
         self.rollout_restarts = 0
-        learner_pool = RayResourcePool([cfg.learner.num_workers], use_gpu=self.gpu, max_colocate_count=1)
+        self.threads = cfg.ray.threads_per_worker
+        learners = node_pool(cfg.learner.num_workers, cfg.trainer.nnodes, self.gpu, "learner.num_workers")
         self.hybrid = bool(cfg.trainer.hybrid_engine)
         # verl's ActorRolloutRef (hybrid): each learner rank generates with its own engine; else
         # standalone rollout workers, scaled independently of the learners
         learner_cls = ActorRolloutRefWorker if self.hybrid else LearnerWorker
         self.learners = worker_group(
-            learner_cls, learner_pool, worker_threads(cfg, 1), learner_config(cfg), "learner", self.timeout_s
+            learner_cls, learners, learner_config(cfg), "learner", self.timeout_s, self.threads
         )
         self.learners.init_model(self.model_path)
         self.rollouts = self.learners if self.hybrid else self._rollout_group()
-        reward_pool = RayResourcePool([1], use_gpu=False, max_colocate_count=1)
+        reward_pool = node_pool(1, 1, False, "reward")
         self.rewarder = worker_group(
-            RewardWorker, reward_pool, 1, plain(cfg.reward), "reward", self.timeout_s
+            RewardWorker, reward_pool, plain(cfg.reward), "reward", self.timeout_s, 1
         )
         self.rewarder.init_reward()
         self.logger = MetricLogger(
@@ -172,16 +172,9 @@ class GRPOTrainer:
 
     def _rollout_group(self) -> SupervisedGroup:
         """Standalone rollout workers, each loaded from the original checkpoint."""
-        count = self.cfg.rollout.num_workers
-        pool = RayResourcePool([count], use_gpu=self.gpu, max_colocate_count=1)
-        group = worker_group(
-            RolloutWorker,
-            pool,
-            worker_threads(self.cfg, count),
-            plain(self.cfg.rollout),
-            "rollout",
-            self.timeout_s,
-        )
+        rollout = self.cfg.rollout
+        pool = node_pool(rollout.num_workers, rollout.nnodes, self.gpu, "rollout.num_workers")
+        group = worker_group(RolloutWorker, pool, plain(rollout), "rollout", self.timeout_s, self.threads)
         group.init_model(self.model_path)
         return group
 
