@@ -12,6 +12,7 @@ from conftest import random_image
 
 from ume_r1.data.collate import media_inputs
 from ume_r1.data.files import TooLong
+from ume_r1.data.media import MediaLimits
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rows import Side
 from ume_r1.data.template import (
@@ -69,6 +70,11 @@ def test_encode_too_long_prompt_raises(processor: UMEProcessor) -> None:
 
 
 def test_video_patches_match_image_processor(processor: UMEProcessor) -> None:
+    ip = processor.image_processor  # video frames sized as the images are, to compare the patches
+    bounds = MediaLimits(
+        video_min_pixels=int(ip.size["shortest_edge"] / 1.1), video_max_pixels=ip.size["longest_edge"]
+    )
+    processor = UMEProcessor(processor.tokenizer, ip, limits=bounds)
     frame = random_image(3, 70, 42)
     image = processor.image_processor(images=[frame], return_tensors="pt")
     pixels, grid = processor.video_patches([frame, frame.copy()])

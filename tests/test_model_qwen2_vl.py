@@ -1,12 +1,13 @@
 """The Qwen2-VL-2B shape with the real tokenizer (`ume_r1.model.qwen2_vl`, two decoder layers): the
 tokenizer's ids, the UME tokens in the table's spare rows with the tie kept, the HF export of a tied
-model, and the template, stop ids and format check on real-tokenizer text."""
+model, the template, stop ids and format check on real-tokenizer text, and a real-size video."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
@@ -86,3 +87,17 @@ def test_template_stop_ids_and_format_on_real_tokenizer_text(qwen2_vl_dir, qwen2
     assert ids[-1] == 151_658 and ids.count(151_658) == 1
     assert trim_at_stop([*ids, 13, 151_645], stop) == ids
     assert tok.decode(ids) == response and format_ok(tok.decode(ids))
+
+
+def test_a_32_frame_video_fits_the_default_prompt(qwen2_vl):
+    """At Qwen2-VL's defaults a video has a budget of its own: 32 frames of 1280 x 720 share 3,584
+    merged patches and fit the default max_prompt_length (4,096) with the template and text. Sized as
+    images (the layout before), the same frames would take about 19k tokens."""
+    processor, _ = qwen2_vl
+    frames = [Image.new("RGB", (1280, 720), (8 * i, 100, 50)) for i in range(32)]
+    encoded = processor.encode(Side("what happens in this clip?", video=frames))
+    video_tokens = encoded.input_ids.count(processor.video_pad_id)
+    assert len(encoded.input_ids) <= 4096 and 3000 < video_tokens <= 3584
+    assert encoded.video_grid_thw[0, 0] == 16  # 32 frames in pairs (temporal patch 2)
+    width, height = processor.resized(frames[0]).size
+    assert 16 * (width // 28) * (height // 28) > 18_000

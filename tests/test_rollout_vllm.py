@@ -20,6 +20,7 @@ from PIL import Image
 from vllm import SamplingParams
 
 from ume_r1.data.collate import media_inputs, mm_token_type_ids, pack_sequences
+from ume_r1.data.media import MediaLimits
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rl_rows import load_examples
 from ume_r1.data.rows import Side
@@ -38,6 +39,9 @@ from ume_r1.rollout.vllm import (
 from ume_r1.rollout.weights import SyncStats, buckets
 
 RESPONSE_LENGTH = 24
+# Video frame bounds of the tests' own (a few patches, not Qwen2-VL's defaults): vLLM expands a video as
+# the processor does only if these reach its processor too (rollout.mm_processor_kwargs).
+VIDEO = MediaLimits(video_min_pixels=2 * 3136, video_max_pixels=4 * 3136)
 
 
 def engine_config(name: str):
@@ -57,6 +61,9 @@ def engine_config(name: str):
         max_num_seqs=64,
         cpu_kvcache_space_gb=1,
         limit_mm_per_prompt={"image": 2, "video": 1},
+        mm_processor_kwargs={
+            "videos_kwargs": {"min_pixels": VIDEO.video_min_pixels, "max_pixels": VIDEO.video_max_pixels}
+        },
     )
 
 
@@ -72,7 +79,7 @@ def engines(tied_model_dir):
 @pytest.fixture(scope="module")
 def prompts(tied_model_dir, synthetic_dir):
     """Text only, one image, and a four-frame video."""
-    processor = UMEProcessor.from_pretrained(tied_model_dir)
+    processor = UMEProcessor.from_pretrained(tied_model_dir, limits=VIDEO)
     examples, _ = load_examples(synthetic_dir["train"])
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 255, (60, 52, 3), dtype=np.uint8)) for _ in range(4)]

@@ -29,18 +29,27 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 @dataclass(frozen=True)
 class MediaLimits:
     """`data.max_image_pixels`: the largest image (width x height, from its header) decoded at all.
-    `data.video_max_frames`: frames sampled evenly from a video file."""
+    `data.video_max_frames`: frames sampled evenly from a video file. A video's pixel budget, apart from
+    the images' (qwen-vl-utils' rule): each frame within `video_min_pixels`..`video_max_pixels`
+    (Qwen2-VL's video processor bounds, 128 and 768 merged patches) and all frames together within
+    `video_total_pixels` (3,584 merged patches: 32 frames in a 4,096-token prompt with room for text)."""
 
     max_image_pixels: int = 89_478_485  # PIL's own warning threshold (about 9459 x 9459)
     video_max_frames: int = 32
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    video_total_pixels: int = 3584 * 28 * 28
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> MediaLimits:
         defaults = cls()
-        return cls(
-            int(data_cfg.get("max_image_pixels", defaults.max_image_pixels)),
-            int(data_cfg.get("video_max_frames", defaults.video_max_frames)),
-        )
+        return cls(**{k: int(data_cfg.get(k, getattr(defaults, k))) for k in cls.__dataclass_fields__})
+
+    def frame_pixels(self, frames: int, temporal_patch_size: int) -> int:
+        """The most pixels one frame of a `frames`-frame video may have: the total shared by the frames
+        (each group of `temporal_patch_size` frames makes one set of patches), within the frame bounds."""
+        share = self.video_total_pixels / frames * temporal_patch_size
+        return int(max(min(self.video_max_pixels, share), self.video_min_pixels * 1.05))
 
 
 @dataclass(frozen=True)

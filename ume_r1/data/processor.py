@@ -123,8 +123,8 @@ class UMEProcessor:
             prompt = self._expand(prompt, IMAGE_PAD, encoded.image_grid_thw)
         if side.video:
             frames = decode_video(side.video, self.limits)
-            size = self.resized(frames[0]).size
-            encoded.video = [frame.resize(size, Image.BICUBIC) for frame in frames]
+            size = self.frame_size(frames[0], len(frames))
+            encoded.video = [frame.convert("RGB").resize(size, Image.BICUBIC) for frame in frames]
             encoded.pixel_values_videos, encoded.video_grid_thw = self.video_patches(encoded.video)
             prompt = self._expand(prompt, VIDEO_PAD, encoded.video_grid_thw)
         encoded.input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -164,12 +164,27 @@ class UMEProcessor:
         image = image.convert("RGB")
         return image if image.size == (rw, rh) else image.resize((rw, rh), Image.BICUBIC)
 
+    def frame_size(self, frame: Image.Image, frames: int) -> tuple[int, int]:
+        """(width, height) of every frame of a `frames`-frame video: the patch grid within the video's
+        own budget (`MediaLimits.frame_pixels`), not the images'. Within the video processor's bounds,
+        so vLLM's processor, given the same bounds, keeps the size."""
+        ip, limits = self.image_processor, self.limits
+        w, h = frame.size
+        rh, rw = smart_resize(
+            h,
+            w,
+            factor=ip.patch_size * ip.merge_size,
+            min_pixels=limits.video_min_pixels,
+            max_pixels=limits.frame_pixels(frames, ip.temporal_patch_size),
+        )
+        return rw, rh
+
     def video_patches(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen2-VL video patches: frames resized to one size, normalised, grouped in time by
+        """Qwen2-VL video patches: frames resized to one size (`frame_size`), normalised, grouped in time by
         temporal_patch_size (the last frame repeated to fill the group), flattened per merged window."""
         ip = self.image_processor
         patch, tps, merge = ip.patch_size, ip.temporal_patch_size, ip.merge_size
-        rw, rh = self.resized(frames[0]).size
+        rw, rh = self.frame_size(frames[0], len(frames))
         mean, std = (
             np.asarray(ip.image_mean).reshape(1, 3, 1, 1),
             np.asarray(ip.image_std).reshape(1, 3, 1, 1),

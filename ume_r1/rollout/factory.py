@@ -17,9 +17,13 @@ GRPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "grpo.yaml"
 def rollout_config(**overrides) -> DictConfig:
     """The `rollout` group of configs/grpo.yaml (the one home of the engine defaults) with `overrides`,
     for code outside the Hydra entry points: evaluation, tests, benchmarks. `device` and `seed` point
-    into other groups there, so they are set here (cpu, 0) unless overridden."""
-    base = OmegaConf.load(GRPO_CONFIG).rollout
-    return OmegaConf.merge(base, {"device": "cpu", "seed": 0}, overrides)
+    into other groups there, so they are set here (cpu, 0; the pixel bounds of the data defaults) unless
+    overridden."""
+    full = OmegaConf.load(GRPO_CONFIG)
+    media = OmegaConf.to_container(full.rollout.mm_processor_kwargs, resolve=True)  # from data.*
+    return OmegaConf.merge(
+        full.rollout, {"device": "cpu", "seed": 0, "mm_processor_kwargs": media}, overrides
+    )
 
 
 def make_engine(

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from ume_r1.data.processor import EncodedPrompt
 from ume_r1.rollout.engine import Sampled, special_ids, trim_at_stop
@@ -115,6 +116,7 @@ class VLLMRollout:
             enable_prefix_caching=bool(config.enable_prefix_caching),
             enable_sleep_mode=self.sleep_level > 0,
             limit_mm_per_prompt=dict(config.limit_mm_per_prompt),
+            mm_processor_kwargs=OmegaConf.to_container(config.mm_processor_kwargs, resolve=True),
             # log-probs of the distribution sampled from (temperature, suppressed ids), as the learner's
             logprobs_mode="processed_logprobs",
         )
