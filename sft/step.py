@@ -1,4 +1,4 @@
-"""One SFT step on this rank's pairs, optionally GradCache-chunked.
+"""One SFT step on this rank's pairs, optionally GradCache-chunked (chunks by a token budget).
 
 GradCache (Gao et al., 2021) lets the contrastive batch be far larger than what fits in memory:
 1. embed every sequence in chunks without building graphs;
@@ -27,6 +27,7 @@ from ume_r1.data.media import MediaLimits
 from ume_r1.data.processor import EncodedPrompt, UMEProcessor, load_image_processor
 from ume_r1.data.sft_rows import SFTPair
 from ume_r1.model.policy import EmbeddingPolicy
+from ume_r1.training.micro_batches import plan_micro_batches
 
 
 @dataclass
@@ -166,21 +167,39 @@ def _contrastive(disc: torch.Tensor, gen: torch.Tensor, b: int, temperature: flo
     return disc_loss, gen_loss, cross, total
 
 
+def gradcache_chunks(pairs: EncodedPairs, max_tokens: int | None, device: torch.device) -> list[list[int]]:
+    """This rank's sequences in GradCache chunks: filled up to `max_tokens` padded tokens (rows x (the
+    chunk's longest prompt + longest response)) from sequences sorted by length, one over the budget
+    alone, so a 12,288-token row pads no short ones (`ume_r1.training.micro_batches`). Every rank runs as
+    many chunks as the rank with the most: each forward gathers FSDP shards. None: one chunk."""
+    total = 2 * pairs.num_pairs
+    if max_tokens is None:
+        return [list(range(total))]
+    lengths = [len(p.input_ids) for p in pairs.prompts], [len(r) for r in pairs.responses]
+    chunks = plan_micro_batches(*lengths, max_tokens=max_tokens)
+    most = torch.tensor([len(chunks)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return plan_micro_batches(*lengths, max_tokens=max_tokens, min_count=int(most))
+
+
 def sft_step(
     policy: EmbeddingPolicy,
     pairs: EncodedPairs,
     pad_id: int,
     device: torch.device,
     temperature: float = 0.02,
-    chunk_size: int | None = None,
+    chunk_tokens: int | None = None,
     cross_mode_weight: float = 0.0,
 ) -> dict[str, float]:
     """Accumulates the gradient of InfoNCE(disc) + InfoNCE(gen) + w * cross-mode InfoNCE + CE into the
-    parameters (no optimizer step) and returns the loss parts. `chunk_size` sequences per forward;
-    None = all at once. `cross_mode_weight` w: 0 leaves the cross-mode term out."""
+    parameters (no optimizer step) and returns the loss parts. `chunk_tokens`: the padded tokens of one
+    forward (`gradcache_chunks`); None = all at once. `cross_mode_weight` w: 0 leaves the cross-mode term
+    out."""
     b, total = pairs.num_pairs, 2 * pairs.num_pairs
     num_tokens = global_token_share(pairs.assistant_tokens(), device)
-    if not chunk_size or chunk_size >= total:
+    chunks = gradcache_chunks(pairs, chunk_tokens, device)
+    if len(chunks) == 1:
         out, mask = _forward(policy, pairs, range(total), pad_id, device)
         disc_loss, gen_loss, cross, contrastive = _contrastive(
             out["disc_embeddings"], out["embeddings"], b, temperature, cross_mode_weight
@@ -189,17 +208,18 @@ def sft_step(
         (contrastive + ce).backward()
         ce_value = float(ce.detach())
     else:
-        chunks = [range(s, min(s + chunk_size, total)) for s in range(0, total, chunk_size)]
         with torch.no_grad():
             cached = [_forward(policy, pairs, c, pad_id, device)[0] for c in chunks]
-        disc = torch.cat([o["disc_embeddings"] for o in cached]).requires_grad_()
-        gen = torch.cat([o["embeddings"] for o in cached]).requires_grad_()
+        order = torch.empty(total, dtype=torch.long)  # chunk order -> sequence order
+        order[torch.tensor([i for c in chunks for i in c])] = torch.arange(total)
+        disc = torch.cat([o["disc_embeddings"] for o in cached])[order.to(device)].requires_grad_()
+        gen = torch.cat([o["embeddings"] for o in cached])[order.to(device)].requires_grad_()
         disc_loss, gen_loss, cross, contrastive = _contrastive(disc, gen, b, temperature, cross_mode_weight)
         contrastive.backward()
         ce_value = 0.0
         for chunk in chunks:
             out, mask = _forward(policy, pairs, chunk, pad_id, device)
-            rows = torch.as_tensor(list(chunk), device=device)
+            rows = torch.as_tensor(chunk, device=device)
             ce = token_nll(out["log_probs"], mask, num_tokens)
             surrogate = (out["disc_embeddings"] * disc.grad[rows]).sum() + (
                 out["embeddings"] * gen.grad[rows]

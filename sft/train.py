@@ -167,7 +167,7 @@ def train(cfg: DictConfig) -> dict:
         encoded = EncodedPairs.concat(batch.rows)
         optimizer.zero_grad(set_to_none=True)
         parts = sft_step(
-            policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_size, tc.cross_mode_weight
+            policy, encoded, processor.pad_id, device, tc.temperature, tc.chunk_tokens, tc.cross_mode_weight
         )
         grad_norm, stepped = clip_and_step(params, optimizer, tc.grad_clip)
         skipped += not stepped

@@ -4,7 +4,7 @@ Run under torchrun (recipes/ume_sft_megatron.sh). Config: configs/sft.yaml plus 
 `megatron.tensor_model_parallel_size` / `megatron.pipeline_model_parallel_size` pick the layout and the
 data-parallel size is world / TP. In-batch negatives are gathered over the data-parallel group only
 (tensor-parallel ranks of one data-parallel rank hold the same rows). Each rank runs its whole share of
-the global batch in one forward: GradCache chunking (`train.chunk_size`) is the torch backend's.
+the global batch in one forward: GradCache chunking (`train.chunk_tokens`) is the torch backend's.
 
 Training-state checkpoints and resume follow the torch backend (`train.save_freq`, `max_ckpt_to_keep`,
 `save_hf_model`, `resume_mode`, `resume_from_path`; layout in ume_r1/training/checkpoint.py), except that
