@@ -82,7 +82,7 @@ def one_batch(variant: str, budget: int, rows_per_micro: int) -> dict:
     from ume_r1.data.processor import EncodedPrompt
     from ume_r1.model.device import enable_gradient_checkpointing
     from ume_r1.model.policy import EmbeddingPolicy
-    from ume_r1.training.micro_batches import plan_micro_batches, row_lengths, trim
+    from ume_r1.training.micro_batches import plan_micro_batches
 
     model, vocab = cut_2b(layers=2)
     enable_gradient_checkpointing(model, True, torch.device("cpu"))
@@ -94,16 +94,17 @@ def one_batch(variant: str, budget: int, rows_per_micro: int) -> dict:
     responses = [torch.randint(0, vocab, (n,)).tolist() for n in BATCH_LENGTHS]
     batch = pack_sequences(prompts, responses, pad_id=0)
     tokens = float(batch["response_mask"].sum())
+    lengths = [PROMPT_TOKENS] * len(BATCH_LENGTHS), list(BATCH_LENGTHS)
     if variant == "padded":
-        groups = plan_micro_batches(*row_lengths(batch), rows_per_micro=rows_per_micro)
+        groups = plan_micro_batches(*lengths, rows_per_micro=rows_per_micro)
     else:
-        groups = plan_micro_batches(*row_lengths(batch), max_tokens=budget)
+        groups = plan_micro_batches(*lengths, max_tokens=budget)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start, computed = time.perf_counter(), 0
     for rows in groups:
         micro = {k: v[rows] for k, v in batch.items()}
-        if variant == "dynamic":
-            micro = trim(micro)
+        if variant == "dynamic":  # packed to these rows' own longest, as the learner does
+            micro = pack_sequences([prompts[i] for i in rows], [responses[i] for i in rows], pad_id=0)
         computed += micro["input_ids"].numel()
         out = policy(**micro, with_entropy=False)
         loss = -(out["log_probs"] * micro["response_mask"]).sum() / tokens + out["embeddings"].sum() * 0.0

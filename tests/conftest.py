@@ -143,7 +143,7 @@ def mixed_batch(tiny_model_dir: str, synthetic_dir: dict[str, str]) -> tuple[UME
         ["a", "b c d e"],
     ]
     responses = [[tok(w, add_special_tokens=False)["input_ids"] for w in group] for group in words]
-    data, _ = build_sequences(prompts, responses, processor.pad_id)
+    data, _ = build_sequences(prompts, responses)
     return processor, data
 
 

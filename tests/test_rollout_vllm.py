@@ -236,7 +236,7 @@ def test_weight_sync_after_an_update_matches_hf(engines, prompts, tied_learner):
     tok = processor.tokenizer
     answers = ["<think>red round</think><answer>red circle<gen_emb>", "blue star", "green square", "yellow"]
     ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
-    data, prompt_index = build_sequences(encoded[:2], [[ids[0], ids[1]], [ids[2], ids[3]]], processor.pad_id)
+    data, prompt_index = build_sequences(encoded[:2], [[ids[0], ids[1]], [ids[2], ids[3]]])
     data.union(learner.compute_log_prob(data))
     data.union(learner.compute_ref_log_prob(data))
     data.batch["advantages"] = data.batch["response_mask"] * torch.tensor([[1.0], [-1.0], [-1.0], [1.0]])
@@ -265,7 +265,7 @@ def test_weight_sync_after_an_update_matches_hf(engines, prompts, tied_learner):
     after = vllm.generate(encoded, n=1, seed=0, do_sample=False)
     responses = [group[0] for group in after]
 
-    seqs, _ = build_sequences(encoded, [[r] for r in responses], processor.pad_id)
+    seqs, _ = build_sequences(encoded, [[r] for r in responses])
     learner_lp = learner.compute_log_prob(seqs).batch["old_log_probs"]
     reference = [row[: len(r)].tolist() for row, r in zip(learner_lp, responses, strict=True)]
     mine = vllm_logprobs(vllm, encoded, responses)

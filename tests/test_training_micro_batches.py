@@ -1,5 +1,5 @@
-"""The learner's batching gives the padded path's numbers: micro-batches trimmed to their own longest
-row, token-budget (dynamic) micro-batches, and vision features computed once per prompt."""
+"""The learner's batching gives the padded path's numbers: unpadded rows packed per micro-batch to their
+own longest row, token-budget (dynamic) micro-batches, and vision features computed once per prompt."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from ume_r1.data.collate import media_inputs, shared_media
+from ume_r1.data.processor import EncodedPrompt
+from ume_r1.grpo.learner_batch import build_sequences, pad_for_ranks
 from ume_r1.model.hf_checkpoint import load_model
 from ume_r1.model.policy import EmbeddingPolicy
-from ume_r1.training.micro_batches import SEQUENCE_KEYS, plan_micro_batches, row_lengths, trim
+from ume_r1.training.micro_batches import pack_rows, plan_micro_batches, row_lengths
 
 
 def padded_tokens(rows, prompt_lens, response_lens) -> int:
@@ -35,24 +37,26 @@ def test_plan_micro_batches_fills_the_budget_and_keeps_every_row():
     assert split == [[0], [1, 2], [3, 4, 5], [6]]
 
 
-def test_trim_cuts_to_the_longest_rows():
-    batch = {
-        "input_ids": torch.arange(14).reshape(2, 7),
-        "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 0]]),
-        "responses": torch.tensor([[4, 0, 0], [5, 6, 0]]),
-        "response_mask": torch.tensor([[1, 0, 0], [1, 1, 0]]),
-    }
-    batch["attention_mask"][:, 4:] = batch["response_mask"]
-    assert row_lengths(batch) == ([2, 1], [1, 2])
-    cut = trim(batch)
-    assert cut["input_ids"].tolist() == [[2, 3, 4, 5], [9, 10, 11, 12]]
-    assert cut["responses"].tolist() == [[4, 0], [5, 6]]
+def test_rows_travel_unpadded_and_pack_to_their_own_longest():
+    prompts = [EncodedPrompt(input_ids=[1, 2]), EncodedPrompt(input_ids=[3])]
+    data, _ = build_sequences(prompts, [[[4], [7, 8, 9]], [[5, 6]]])
+    assert [r.tolist() for r in data.non_tensor_batch["response"]] == [[4], [7, 8, 9], [5, 6]]
+    assert list(data.batch.keys()) == ["response_mask"] and data.batch["response_mask"].shape == (3, 3)
+    padded = pad_for_ranks(data, 2)  # a fourth row, a copy with its mask zeroed
+    assert row_lengths(padded, prompts) == ([2, 2, 1, 2], [1, 3, 2, 0])
+    batch, rows = pack_rows(padded[[0, 2]], prompts, pad_id=0)
+    assert rows == [prompts[0], prompts[1]]
+    assert batch["input_ids"].tolist() == [[1, 2, 4, 0], [0, 3, 5, 6]]  # 2 prompt + 2 response columns
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    copy, _ = pack_rows(padded[[3]], prompts, pad_id=0)
+    assert copy["input_ids"].tolist() == [[1, 2, 4]] and copy["response_mask"].tolist() == [
+        [0]
+    ]  # out of every loss
 
 
 def test_vision_once_per_prompt_equals_vision_per_row(tiny_model_dir, mixed_batch):
     processor, data = mixed_batch
-    batch = {k: data.batch[k] for k in SEQUENCE_KEYS}
-    prompts = list(data.non_tensor_batch["prompt"])
+    batch, prompts = pack_rows(data, data.meta_info["prompts"], processor.pad_id)
     shared = shared_media(prompts)
     assert shared.row_prompt == [0, 0, 1, 1, 1, 2, 2] and shared.images_per_prompt == [1, 0, 1]
     results = []
@@ -76,15 +80,15 @@ def test_trimmed_micro_batches_equal_the_padded_forward(learner, tiny_model_dir,
     processor, data = mixed_batch
     model, _ = load_model(tiny_model_dir)
     plain = EmbeddingPolicy(model, processor.gen_emb_id).eval()
-    prompts = list(data.non_tensor_batch["prompt"])
+    batch, prompts = pack_rows(data, data.meta_info["prompts"], processor.pad_id)
     with torch.no_grad():
-        want = plain(**{k: data.batch[k] for k in SEQUENCE_KEYS}, **media_inputs(prompts))
+        want = plain(**batch, **media_inputs(prompts))
 
     rollout = learner.config.rollout
     rollout.log_prob_micro_batch_size_per_gpu = 2
     rollout.log_prob_use_dynamic_bsz = dynamic
     rollout.log_prob_max_token_len_per_gpu = 120  # several micro-batches, in length order
-    assert len(learner._micro_batches(data, "rollout")) >= 3
+    assert len(learner._micro_batches(data, data.meta_info["prompts"], "rollout")) >= 3
     got = learner.compute_log_prob(data).batch
     mask = data.batch["response_mask"].bool()
     torch.testing.assert_close(got["old_log_probs"][mask], want["log_probs"][mask], rtol=1e-5, atol=1e-5)

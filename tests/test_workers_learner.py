@@ -8,6 +8,7 @@ import torch
 from verl import DataProto
 from verl.trainer.ppo.core_algos import kl_penalty
 
+from ume_r1.data.collate import pack_sequences
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rows import Side
 from ume_r1.grpo.advantages import drop_flat_groups, grpo_advantages
@@ -61,7 +62,7 @@ def test_update_follows_the_advantages(learner, tiny_model_dir):
     ]
     ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
     responses = [[ids[0], ids[1]], [ids[2], ids[3]]]
-    data, prompt_index = build_sequences(prompts, responses, processor.pad_id)
+    data, prompt_index = build_sequences(prompts, responses)
 
     first = learner.compute_log_prob(data)
     assert first.batch["embeddings"].shape == (4, 64)
@@ -126,8 +127,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthet
         [tok(f"<think>{w}</think><answer>{w}<gen_emb>", add_special_tokens=False)["input_ids"]]
         for w in ("red", "blue star", "a green square")
     ]
-    data, _ = build_sequences(prompts, responses, processor.pad_id)
-    batch = {k: data.batch[k] for k in ("input_ids", "attention_mask", "responses", "response_mask")}
+    batch = pack_sequences(prompts, [group[0] for group in responses], processor.pad_id)
     grads = []
     for setting in (False, True):
         model, _ = load_model(tiny_model_dir)
@@ -150,7 +150,7 @@ def test_logged_losses_are_true_means_whatever_the_micro_batching(learner, tiny_
     prompts = [processor.encode(Side(text="a red circle")), processor.encode(Side(text="a blue star"))]
     words = [["red", "a round red shape"], ["blue five points", "star"]]
     responses = [[tok(w, add_special_tokens=False)["input_ids"] for w in pair] for pair in words]
-    data, _ = build_sequences(prompts, responses, processor.pad_id)
+    data, _ = build_sequences(prompts, responses)
     data.union(learner.compute_log_prob(data))
     data.union(learner.compute_ref_log_prob(data))
     mask = data.batch["response_mask"].float()

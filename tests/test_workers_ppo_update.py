@@ -16,7 +16,7 @@ from ume_r1.data.collate import media_inputs
 from ume_r1.grpo.learner_batch import pad_for_ranks
 from ume_r1.model.hf_checkpoint import load_model
 from ume_r1.model.policy import EmbeddingPolicy
-from ume_r1.training.micro_batches import SEQUENCE_KEYS
+from ume_r1.training.micro_batches import pack_rows
 
 
 @pytest.mark.parametrize(
@@ -61,8 +61,8 @@ def test_kl_loss_and_its_gradient_match_the_formula(learner, tiny_model_dir, mix
     model, _ = load_model(tiny_model_dir)
     model.model.visual.requires_grad_(False)
     policy = EmbeddingPolicy(model, processor.gen_emb_id).train()
-    prompts = list(data.non_tensor_batch["prompt"])
-    out = policy(**{k: data.batch[k] for k in SEQUENCE_KEYS}, **media_inputs(prompts), with_entropy=False)
+    batch, prompts = pack_rows(data, data.meta_info["prompts"], processor.pad_id)
+    out = policy(**batch, **media_inputs(prompts), with_entropy=False)
     log_ratio = data.batch["ref_log_prob"] - out["log_probs"]
     k3 = log_ratio.exp() - log_ratio - 1
     kl_loss = (k3 * mask).sum() / mask.sum()

@@ -21,6 +21,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
 from ume_r1.data.collate import shared_media
+from ume_r1.data.processor import EncodedPrompt
 from ume_r1.data.template import GEN_EMB
 from ume_r1.model.device import enable_gradient_checkpointing, resolve_device, resolve_dtype
 from ume_r1.model.hf_checkpoint import load_model
@@ -35,10 +36,17 @@ from ume_r1.training.fsdp import (
     save_hf_checkpoint,
     shard_from_rank0,
 )
-from ume_r1.training.micro_batches import SEQUENCE_KEYS, pad_columns, plan_micro_batches, row_lengths, trim
+from ume_r1.training.micro_batches import pack_rows, pad_columns, plan_micro_batches, row_lengths
 from workers.base import ConfiguredWorker
 
 LOSS_SHARES = ("actor/pg_loss", "actor/kl_loss")
+
+
+def resolved_prompts(data: DataProto) -> list[EncodedPrompt]:
+    """The step's prompts of a learner batch (`ume_r1.grpo.learner_batch`): fetched from the object
+    store when the driver shared them by reference (once per node, then from its shared memory)."""
+    prompts = data.meta_info["prompts"]
+    return ray.get(prompts) if isinstance(prompts, ray.ObjectRef) else prompts
 
 
 class LearnerWorker(ConfiguredWorker):
@@ -84,12 +92,13 @@ class LearnerWorker(ConfiguredWorker):
             ref = EmbeddingPolicy(ref_model, self.gen_emb_id)
             self.ref = shard_from_rank0(ref, mesh, param_dtype, self.device, offload).eval()
 
-    def _forward(self, module, data: DataProto, with_entropy: bool) -> dict[str, torch.Tensor]:
-        """One micro-batch, trimmed to its own longest prompt and response; per-token outputs come
+    def _forward(self, module, data: DataProto, prompts, with_entropy: bool) -> dict[str, torch.Tensor]:
+        """One micro-batch, packed to its own longest prompt and response; per-token outputs come
         back at the batch's response width, zero on padding."""
-        width = data.batch["responses"].shape[1]
-        batch = {k: v.to(self.device) for k, v in trim(_sequences(data)).items()}
-        shared = shared_media(list(data.non_tensor_batch["prompt"])).to(self.device)
+        width = data.batch["response_mask"].shape[1]
+        batch, rows = pack_rows(data, prompts, self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        shared = shared_media(rows).to(self.device)
         out = module(
             **batch, shared=shared, temperature=self.config.rollout.temperature, with_entropy=with_entropy
         )
@@ -111,11 +120,11 @@ class LearnerWorker(ConfiguredWorker):
         budget = cfg.log_prob_max_token_len_per_gpu if cfg.log_prob_use_dynamic_bsz else None
         return cfg.log_prob_micro_batch_size_per_gpu, budget
 
-    def _micro_batches(self, data: DataProto, forward: str) -> list[np.ndarray]:
+    def _micro_batches(self, data: DataProto, prompts, forward: str) -> list[np.ndarray]:
         """Row indices of each micro-batch. Every rank gets the same number of micro-batches, as FSDP's
         collectives need."""
         rows, budget = self._micro_batching(forward)
-        lengths = row_lengths(_sequences(data))
+        lengths = row_lengths(data, prompts)
         local = plan_micro_batches(*lengths, rows_per_micro=rows, max_tokens=budget)
         if self.world_size > 1:
             count = torch.tensor([len(local)], device=self.device)
@@ -140,8 +149,9 @@ class LearnerWorker(ConfiguredWorker):
     ) -> dict[str, torch.Tensor]:
         """Forward over every row in micro-batches; outputs in the rows' original order, on CPU."""
         parts, order = [], []
-        for rows in self._micro_batches(data, forward):
-            parts.append(self._forward(module, self._rows(data, rows), with_entropy))
+        prompts = resolved_prompts(data)
+        for rows in self._micro_batches(data, prompts, forward):
+            parts.append(self._forward(module, self._rows(data, rows), prompts, with_entropy))
             order.append(torch.as_tensor(rows))
         inverse = torch.argsort(torch.cat(order))
         return {k: torch.cat([p[k] for p in parts])[inverse].cpu() for k in parts[0]}
@@ -196,6 +206,7 @@ class LearnerWorker(ConfiguredWorker):
         self.policy.train()
         policy_loss = get_policy_loss_fn(cfg.policy_loss)
         mini_size = self._mini_batch_rows(len(data))
+        prompts = resolved_prompts(data)
         metrics: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(int(data.meta_info.get("seed", 0)))
         skipped = 0
@@ -220,8 +231,8 @@ class LearnerWorker(ConfiguredWorker):
                     }
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                micros = [self._rows(mini, rows) for rows in self._micro_batches(mini, "actor")]
-                steps = [self._micro_step(micro, policy_loss, loss_config) for micro in micros]
+                micros = [self._rows(mini, rows) for rows in self._micro_batches(mini, prompts, "actor")]
+                steps = [self._micro_step(micro, prompts, policy_loss, loss_config) for micro in micros]
                 for key in steps[0]:
                     values = [step[key] for step in steps]
                     total = key in LOSS_SHARES  # shares of the mini-batch mean: their sum is the mean
@@ -235,9 +246,9 @@ class LearnerWorker(ConfiguredWorker):
         summary["actor/skipped_steps"] = float(skipped)  # optimizer steps left out: non-finite gradient
         return DataProto(meta_info={"metrics": summary})
 
-    def _micro_step(self, micro: DataProto, policy_loss, loss_config) -> dict[str, float]:
+    def _micro_step(self, micro: DataProto, prompts, policy_loss, loss_config) -> dict[str, float]:
         cfg = self.config.actor
-        out = self._forward(self.policy, micro, with_entropy=False)
+        out = self._forward(self.policy, micro, prompts, with_entropy=False)
         mask = micro.batch["response_mask"].to(self.device).float()
         log_prob = out["log_probs"]
         pg_loss, pg_metrics = policy_loss(
@@ -302,7 +313,3 @@ class LearnerWorker(ConfiguredWorker):
     def load_state(self, path: str, scheduler: dict) -> None:
         load_sharded(Path(path), self.policy, self.optimizer)
         self.scheduler.load_state_dict(scheduler)
-
-
-def _sequences(data: DataProto) -> dict[str, torch.Tensor]:
-    return {k: data.batch[k] for k in SEQUENCE_KEYS}

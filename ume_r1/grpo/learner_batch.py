@@ -1,28 +1,60 @@
 """The batch the controller sends the learners: each prompt followed by each of its responses, as a verl
-`DataProto`, padded to a multiple of the learner ranks."""
+`DataProto` of unpadded rows, padded to a multiple of the learner ranks.
+
+Layout (what `ume_r1.training.micro_batches.pack_rows` reads on the learner):
+- `non_tensor_batch["prompt_index"]`: the row's prompt, an index into the step's prompts;
+- `non_tensor_batch["response"]`: the row's response tokens (int32, unpadded);
+- `batch["response_mask"]`: (rows, longest response); the per-token values the learners return and
+  take (old / reference log-probs, advantages) share its width;
+- `meta_info["prompts"]`: the step's encoded prompts (token ids and pixels), or, once `share_prompts`
+  has put them into Ray's object store, one reference to them: every learner call of the step then
+  passes the reference, and each node fetches the pixels once.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import ray
 import torch
 from verl import DataProto
 from verl.protocol import pad_dataproto_to_divisor
 
-from ume_r1.data.collate import pack_sequences
 from ume_r1.data.processor import EncodedPrompt
 
 
 def build_sequences(
-    prompts: list[EncodedPrompt], responses: list[list[list[int]]], pad_id: int
+    prompts: list[EncodedPrompt], responses: list[list[list[int]]]
 ) -> tuple[DataProto, torch.Tensor]:
     """The learner's batch: prompt p followed by each of its responses; returns the prompt index too."""
     prompt_index = torch.tensor([p for p, group in enumerate(responses) for _ in group], dtype=torch.long)
-    per_sequence = [prompts[p] for p in prompt_index.tolist()]
-    flat = [r for group in responses for r in group]
-    objects = np.empty(len(per_sequence), dtype=object)
-    objects[:] = per_sequence
-    tensors = pack_sequences(per_sequence, flat, pad_id)
-    return DataProto.from_dict(tensors=tensors, non_tensors={"prompt": objects}), prompt_index
+    flat = [np.asarray(r, dtype=np.int32) for group in responses for r in group]
+    rows = np.empty(len(flat), dtype=object)
+    rows[:] = flat
+    lengths = torch.tensor([len(r) for r in flat])
+    width = max(1, int(lengths.max())) if len(flat) else 1
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    data = DataProto.from_dict(
+        tensors={"response_mask": mask},
+        non_tensors={"prompt_index": prompt_index.numpy(), "response": rows},
+        meta_info={"prompts": list(prompts)},
+    )
+    return data, prompt_index
+
+
+def share_prompts(data: DataProto, shared: ray.ObjectRef | None = None) -> ray.ObjectRef:
+    """Swap `data`'s prompts for one object-store reference (`shared`, or a new one of them without the
+    resized PIL media, which only rollout engines read) and return it."""
+    if shared is None:
+        shared = ray.put(learner_prompts(data.meta_info["prompts"]))
+    data.meta_info["prompts"] = shared
+    return shared
+
+
+def learner_prompts(prompts: list[EncodedPrompt]) -> list[EncodedPrompt]:
+    """What the learners read of the prompts: token ids and pixel tensors (not the PIL copies)."""
+    return [replace(p, images=None, video=None) for p in prompts]
 
 
 def pad_for_ranks(data: DataProto, ranks: int) -> DataProto:

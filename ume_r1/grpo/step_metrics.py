@@ -61,6 +61,12 @@ def reward_group_stats(scores: dict[str, torch.Tensor], prompt_index: torch.Tens
     return out
 
 
+def prompt_tokens(plan: StepPrompts, prompt_index: torch.Tensor) -> float:
+    """Prompt tokens of every row (each response is scored after its prompt)."""
+    lengths = torch.tensor([len(p.input_ids) for p in plan.prompts], dtype=torch.float64)
+    return float(lengths[prompt_index].sum())
+
+
 def rollout_probs_diff(
     engine_logprobs: list[list[list[float]]], old_log_probs: torch.Tensor, response_mask: torch.Tensor
 ) -> dict[str, float]:
@@ -106,7 +112,7 @@ def step_metrics(
             "response/length_mean": float(mask.sum(1).mean()),
             "actor/entropy": masked_mean(data.batch["entropy"]),
             "rollout/tokens_per_s": generated / max(timing["generate"], 1e-9),
-            "perf/tokens_per_s": float(data.batch["attention_mask"].sum()) / timing["step"],
+            "perf/tokens_per_s": (prompt_tokens(plan, prompt_index) + generated) / timing["step"],
         }
     )
     if kl_loss_type is not None:

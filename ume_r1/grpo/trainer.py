@@ -29,7 +29,7 @@ from ume_r1.data.template import swap_reasoning
 from ume_r1.eval.metrics import reasoning_sensitivity
 from ume_r1.grpo.advantages import drop_flat_groups, grpo_advantages
 from ume_r1.grpo.grouping import EncodedExample, StepPrompts, encode_example, plan_prompts
-from ume_r1.grpo.learner_batch import build_sequences, pad_for_ranks
+from ume_r1.grpo.learner_batch import build_sequences, pad_for_ranks, share_prompts
 from ume_r1.grpo.step_metrics import reward_group_stats, rollout_probs_diff, step_metrics
 from ume_r1.grpo.supervision import SupervisedGroup, WorkerFailure
 from ume_r1.grpo.worker_groups import init_ray, learner_config, node_pool, plain, worker_group
@@ -254,7 +254,8 @@ class GRPOTrainer:
                 plan, seed=cfg.trainer.seed * 100_003 + step
             )
         with _timer(timing, "forward"):
-            data, prompt_index = build_sequences(plan.prompts, responses, self.processor.pad_id)
+            data, prompt_index = build_sequences(plan.prompts, responses)
+            shared = share_prompts(data)  # the step's pixels cross the object store once
             data.meta_info["seed"] = step
             padded = pad_for_ranks(data, cfg.learner.num_workers)
             out = self.learners.compute_log_prob(padded)[: len(data)]
@@ -284,7 +285,7 @@ class GRPOTrainer:
         if cfg.trainer.reasoning_sensitivity_freq > 0 and step % cfg.trainer.reasoning_sensitivity_freq == 0:
             with _timer(timing, "probe"):
                 update_metrics["embedding/reasoning_sensitivity"] = self.probe_reasoning(
-                    plan, responses, texts, data, step
+                    plan, responses, texts, data, step, shared
                 )
         kept = data
         if cfg.algorithm.filter_groups.enable:
@@ -310,6 +311,7 @@ class GRPOTrainer:
         texts: list[str],
         data: DataProto,
         step: int,
+        shared: ray.ObjectRef,
     ) -> float:
         """Reasoning sensitivity: each response is embedded again with its <think> text replaced by that
         of the same-numbered response of another input (the next prompt that is not its positive), and
@@ -334,7 +336,8 @@ class GRPOTrainer:
             for t, own in zip(swapped, flat, strict=True)
         ]
         grouped = [ids[starts[p] : starts[p + 1]] for p in range(count)]
-        probe, _ = build_sequences(plan.prompts, grouped, self.processor.pad_id)
+        probe, _ = build_sequences(plan.prompts, grouped)
+        share_prompts(probe, shared)
         probe.meta_info["seed"] = step
         out = self.learners.compute_log_prob(pad_for_ranks(probe, self.cfg.learner.num_workers))[: len(probe)]
         valid = (

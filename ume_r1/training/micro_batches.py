@@ -1,7 +1,6 @@
-"""How a learner rank cuts its rows into micro-batches, and trims each to its own longest row.
+"""How a learner rank cuts its rows into micro-batches and packs each to its own longest row.
 
-The driver pads a step's rows to the step's longest prompt (left) and longest response (right). A
-forward over that width wastes compute on padding, so every micro-batch is trimmed to the longest
+The driver sends rows unpadded (`ume_r1.grpo.learner_batch`). Every micro-batch is packed to the longest
 prompt and response among its own rows, and with `use_dynamic_bsz` (verl's name) micro-batches are
 filled up to a token budget from rows sorted by length, so long rows do not drag short ones along.
 """
@@ -9,18 +8,34 @@ filled up to a token budget from rows sorted by length, so long rows do not drag
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask")
+from ume_r1.data.collate import pack_sequences
+from ume_r1.data.processor import EncodedPrompt
+
+if TYPE_CHECKING:
+    from verl import DataProto
 
 
-def row_lengths(batch: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
-    """Real prompt and response length of every row of a driver batch (prompt left-padded, response
-    right-padded, verl's layout)."""
+def row_lengths(data: DataProto, prompts: Sequence[EncodedPrompt]) -> tuple[list[int], list[int]]:
+    """Prompt and response length of every row (a row padded for ranks has response length 0)."""
+    index = data.non_tensor_batch["prompt_index"]
+    return [len(prompts[i].input_ids) for i in index], data.batch["response_mask"].sum(1).tolist()
+
+
+def pack_rows(
+    data: DataProto, prompts: Sequence[EncodedPrompt], pad_id: int
+) -> tuple[dict[str, torch.Tensor], list[EncodedPrompt]]:
+    """The sequences of `data`'s rows, prompt left-padded and response right-padded to these rows' own
+    longest (at least one response column, so every row has a position to read an embedding from),
+    and each row's prompt. A row whose response mask the driver zeroed keeps a zero mask."""
+    rows = [prompts[i] for i in data.non_tensor_batch["prompt_index"]]
+    batch = pack_sequences(rows, [r.tolist() for r in data.non_tensor_batch["response"]], pad_id)
     width = batch["responses"].shape[1]
-    prompt = batch["attention_mask"][:, :-width].sum(1)
-    return prompt.tolist(), batch["response_mask"].sum(1).tolist()
+    batch["response_mask"] = batch["response_mask"] * data.batch["response_mask"][:, :width]
+    return batch, rows
 
 
 def plan_micro_batches(
@@ -58,22 +73,6 @@ def plan_micro_batches(
         rows = groups.pop(largest)
         groups[largest:largest] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
     return groups
-
-
-def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The sequence tensors cut to the longest real prompt and response of these rows (at least one
-    response column, so every row has a position to read an embedding from)."""
-    width = batch["responses"].shape[1]
-    prompt_lens, response_lens = row_lengths(batch)
-    keep_prompt, keep_response = max(prompt_lens), max(max(response_lens), 1)
-    prompt_end = batch["input_ids"].shape[1] - width
-    start, stop = prompt_end - keep_prompt, prompt_end + keep_response
-    return {
-        "input_ids": batch["input_ids"][:, start:stop],
-        "attention_mask": batch["attention_mask"][:, start:stop],
-        "responses": batch["responses"][:, :keep_response],
-        "response_mask": batch["response_mask"][:, :keep_response],
-    }
 
 
 def pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
