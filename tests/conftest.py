@@ -60,8 +60,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny model with one table for input and output embeddings (tied, as Qwen2-VL-2B)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tied") / "model", seed=0, tie_word_embeddings=True)
+    """The tiny model with one table for input and output embeddings and 126 spare rows past its
+    tokenizer (tied and padded, as Qwen2-VL-2B)."""
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tied") / "model", seed=0, tie_word_embeddings=True, table_rows=640
+    )
 
 
 @pytest.fixture(scope="session")

@@ -192,8 +192,10 @@ def test_sampled_logprobs_are_the_sampling_distribution(engines, prompts, tied_m
 def test_sampling_contract(engines, prompts, tied_model_dir, backend):
     engine = engines[backend]
     _, encoded = prompts
-    # Make vision placeholders the likeliest tokens: only suppression keeps them out (the table is
-    # tied: these rows are also the input embeddings of tokens the prompts do not contain).
+    # Make vision placeholders and the spare rows past the tokenizer the likeliest tokens: only
+    # suppression keeps them out (the table is tied: these rows are also the input embeddings of
+    # tokens the prompts do not contain).
+    assert len(engine.suppressed) == 4 + 640 - len(engine.tokenizer)
     lm_head = load_model(tied_model_dir)[0].get_output_embeddings().weight.detach()
     boosted = lm_head.clone()
     generator = torch.Generator().manual_seed(0)
@@ -213,7 +215,7 @@ def test_sampling_contract(engines, prompts, tied_model_dir, backend):
             assert 1 <= len(response) <= RESPONSE_LENGTH
             assert not stops & set(response[:-1]), "a response runs past its first stop token"
             assert len(response) == RESPONSE_LENGTH or response[-1] in stops
-            assert not set(engine.suppressed) & set(response), "a vision placeholder was sampled"
+            assert not set(engine.suppressed) & set(response), "a vision placeholder or spare row was sampled"
         assert groups == engine.generate(encoded, n=4, seed=7)
         assert groups != engine.generate(encoded, n=4, seed=8)
         assert any(r[-1] in stops for g in groups for r in g)

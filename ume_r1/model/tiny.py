@@ -78,12 +78,14 @@ def build_tiny_model(
     extra_text: list[str] | None = None,
     ume_tokens: bool = True,
     tie_word_embeddings: bool = False,
+    table_rows: int | None = None,
 ) -> str:
     """Build a randomly initialised Qwen2-VL of the real architecture, small enough for a CPU, with its
     tokenizer and image processor, saved as an ordinary HF directory (written to a temporary name, then
     renamed). `ume_tokens=False` leaves the UME tokens out, as a downloaded checkpoint does (the table
-    keeps their two rows spare). `tie_word_embeddings`: one table for input and output, as Qwen2-VL-2B.
-    Returns the directory."""
+    keeps their two rows spare). `tie_word_embeddings`: one table for input and output, as Qwen2-VL-2B;
+    `table_rows`: a table that long, its rows past the tokenizer spare (Qwen2-VL-2B has 277). Returns
+    the directory."""
     if hidden_size > 128:
         raise ValueError(f"tiny model hidden_size must be <= 128, got {hidden_size}")
     if hidden_size // num_heads < 32:
@@ -124,6 +126,8 @@ def build_tiny_model(
     model = Qwen2VLForConditionalGeneration(config)
     if ume_tokens:
         add_ume_tokens(model, tokenizer)
+    if table_rows:
+        model.resize_token_embeddings(max(table_rows, len(tokenizer)), mean_resizing=False)
     model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
     model.generation_config.pad_token_id = ids[ENDOFTEXT]
     pixels = image_size * image_size
