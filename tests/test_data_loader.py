@@ -34,8 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def processor(tiny_model_dir) -> UMEProcessor:
-    """The shared processor with the length and pixel caps these tests run into."""
-    return UMEProcessor.from_pretrained(tiny_model_dir, max_prompt_length=512, max_pixels=3136)
+    """The shared processor with the length and pixel caps these tests run into (the tiny profile's:
+    video frames of a few patches, not Qwen2-VL's 128 to 768)."""
+    video = MediaLimits(video_min_pixels=3136, video_max_pixels=12544)
+    return UMEProcessor.from_pretrained(tiny_model_dir, max_prompt_length=512, max_pixels=3136, limits=video)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import grpo_config
+from test_grpo_step_metrics import PROBS_DIFF_SYNCED
 from transformers import Qwen2VLForConditionalGeneration
 
 from ume_r1.grpo.trainer import GRPOTrainer
-
-# |p_engine - p_learner| of a sampled token when both hold the same weights: float order differs between
-# the engines and the learner's forward, and the engines sample with the vision ids suppressed.
-PROBS_DIFF_SYNCED = 2e-4
 
 LAYOUTS = [
     pytest.param(["rollout.num_workers=2"], id="cpu-2-rollout-workers"),
@@ -51,6 +48,7 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
         "trainer.save_hf_model=true",
         "trainer.reasoning_sensitivity_freq=2",
         "algorithm.filter_groups.enable=true",
+        "rollout.n=4",
         *layout,
     )
     trainer = GRPOTrainer(cfg)
@@ -114,27 +112,6 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
     exported = load(checkpoint / "hf", local_files_only=True).state_dict()
     assert all(torch.equal(exported[k], reloaded[k]) for k in reloaded)
-
-
-def test_rollout_probs_diff_shows_a_skipped_sync(tiny_model_dir, synthetic_dir, tmp_path, shutdown_ray):
-    """The engine's probabilities of its sampled tokens against the learner's: near zero at step 1
-    (both hold the checkpoint), large at step 2 when the sync after step 1's update is skipped on
-    purpose (the engine samples from the stale weights)."""
-    cfg = grpo_config(
-        tiny_model_dir,
-        synthetic_dir["train"],
-        tmp_path / "run",
-        "trainer.total_training_steps=2",
-        "trainer.save_freq=-1",
-        "rollout.num_workers=1",
-        "actor.optim.lr=1e-2",
-    )
-    trainer = GRPOTrainer(cfg)
-    trainer.sync_weights = lambda: {}  # the bug this metric is there to show
-    trainer.fit()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    synced, stale = (row["training/rollout_probs_diff_max"] for row in rows)
-    assert synced < PROBS_DIFF_SYNCED and stale > 5 * PROBS_DIFF_SYNCED, (synced, stale)
 
 
 def test_unknown_reward_lists_available(tiny_model_dir, synthetic_dir, tmp_path):

@@ -51,6 +51,8 @@ def test_learners_and_rollout_workers_spread_over_nodes(cluster, tiny_model_dir,
         "rollout.num_workers=2",
         "rollout.nnodes=2",
         "trainer.total_training_steps=1",
+        "data.train_batch_size=4",
+        "rollout.n=4",
         "trainer.save_freq=-1",
         "trainer.reasoning_sensitivity_freq=0",
     )

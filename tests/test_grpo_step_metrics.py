@@ -6,11 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_learner, scored
 
+from ume_r1.data.processor import UMEProcessor
+from ume_r1.data.rl_rows import load_examples
 from ume_r1.eval.metrics import within_group_cosine
 from ume_r1.grpo.advantages import flat_groups
 from ume_r1.grpo.grouping import StepPrompts
-from ume_r1.grpo.step_metrics import in_batch_hit_at_1, reward_group_stats
+from ume_r1.grpo.learner_batch import build_sequences
+from ume_r1.grpo.step_metrics import in_batch_hit_at_1, reward_group_stats, rollout_probs_diff
+from ume_r1.rollout.factory import rollout_config
+from ume_r1.rollout.hf import HFRollout
+from ume_r1.rollout.weights import SyncStats
+
+# |p_engine - p_learner| of a sampled token when both hold the same weights: float order differs between
+# the engine and the learner's forward, and the engine samples with the vision ids suppressed.
+PROBS_DIFF_SYNCED = 2e-4
 
 
 def test_flat_groups_and_reward_variance_shares() -> None:
@@ -60,3 +71,35 @@ def test_step_metrics_three_responses_per_group() -> None:
     e = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), dim=-1)
     s = 2**-0.5
     assert within_group_cosine(e, torch.tensor([7, 7, 7])) == pytest.approx(2 * (s + 0.0 + s) / 6)
+
+
+def test_rollout_probs_diff_shows_a_skipped_sync(tiny_model_dir, synthetic_dir, single_rank):
+    """The engine's probabilities of what it samples against the learner's (`rollout_probs_diff`, from
+    the engine's own log-probs): near zero while both hold the same weights, large after an update the
+    engine has not received, near zero again once the sync brings it."""
+    learner = make_learner(tiny_model_dir, ["actor.optim.lr=1e-2"])
+    config = rollout_config(name="hf", n=4, response_length=16, micro_batch_size=8, temperature=1.0)
+    engine = HFRollout.load(tiny_model_dir, config, torch.device("cpu"), torch.float32)
+    processor = UMEProcessor.from_pretrained(tiny_model_dir)
+    prompts = [processor.encode(e.query) for e in load_examples(synthetic_dir["train"])[0][:2]]
+
+    def diff() -> float:
+        sampled = engine.sample(prompts, n=4, seed=0)
+        data, _ = build_sequences(prompts, sampled.responses)
+        old = learner.compute_log_prob(data).batch["old_log_probs"]
+        return rollout_probs_diff(sampled.logprobs, old, data.batch["response_mask"])[
+            "training/rollout_probs_diff_max"
+        ]
+
+    fresh = diff()
+    data, _ = build_sequences(prompts, engine.sample(prompts, n=4, seed=1).responses)
+    scored(learner, data, torch.tensor([1.0, -1.0] * 4))
+    learner.update_actor(data)
+    stale = diff()  # the sync skipped: the engine samples from the old weights
+    engine.load_weights(SyncStats().stream(learner.rollout_weight_buckets()))
+    synced = diff()
+    assert fresh < PROBS_DIFF_SYNCED and synced < PROBS_DIFF_SYNCED and stale > 5 * PROBS_DIFF_SYNCED, (
+        fresh,
+        stale,
+        synced,
+    )
