@@ -34,6 +34,7 @@ def grpo_command(model: str, train: str, run_dir: Path) -> list[str]:
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=6",
         "trainer.save_freq=2",  # default loggers: console and wandb (offline)
+        "rollout.n=4",
     ]
 
 

@@ -51,6 +51,7 @@ def test_a_dead_or_frozen_rollout_worker_is_replaced(tiny_model_dir, synthetic_d
         "trainer.total_training_steps=3",
         "trainer.save_freq=-1",
         "trainer.worker_timeout_s=20",
+        "rollout.n=4",
     )
     trainer = GRPOTrainer(cfg)
     first = pids(trainer.rollouts)
