@@ -1,6 +1,7 @@
 """The hf rollout backend in this process: G samples per prompt, stop tokens, suppressed vision tokens,
-seeded sampling and weight loading; on the 2B shape, the table's rows past the tokenizer are never
-sampled even where they would win."""
+seeded sampling and weight loading; the generative embeddings it reads off its own hidden states equal
+the learner forward's; on the 2B shape, the table's rows past the tokenizer are never sampled even where
+they would win."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ume_r1.data.collate import media_inputs, pack_sequences
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rl_rows import load_examples
 from ume_r1.data.rows import Side
 from ume_r1.model.device import resolve_dtype
+from ume_r1.model.policy import EmbeddingPolicy
 from ume_r1.rollout.hf import HFRollout
 
 SAMPLING = {"micro_batch_size": 3, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": -1}
@@ -21,7 +24,7 @@ SAMPLING = {"micro_batch_size": 3, "do_sample": True, "temperature": 1.0, "top_p
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def rollout(request, tiny_model_dir):
-    config = OmegaConf.create({**SAMPLING, "response_length": 20})
+    config = OmegaConf.create({**SAMPLING, "response_length": 20, "return_embeddings": False})
     device = torch.device(request.param)
     return HFRollout.load(tiny_model_dir, config, device, resolve_dtype("auto", device))
 
@@ -48,6 +51,54 @@ def test_samples_per_prompt_stop_and_suppression(rollout, tiny_model_dir, synthe
     assert groups != rollout.generate(prompts, n=4, seed=7)
 
 
+# Generation reads each state from the KV-cached decode step, the learner from one forward of the packed
+# row: the same fp32 arithmetic in another order.
+EMBEDDING_ATOL = 1e-5
+
+
+def test_embeddings_from_generation_equal_the_learner_forward(tiny_model_dir, synthetic_dir):
+    """`rollout.return_embeddings`: the normalised state at each response's last `<gen_emb>` (else its
+    last token) as generation computed it, against EmbeddingPolicy's forward over prompt + response, on
+    image and text prompts; rows that end at `<gen_emb>`, at the end-of-text id and at the length cap.
+    Sampling is unchanged by it (the same seed draws the same responses)."""
+    processor = UMEProcessor.from_pretrained(tiny_model_dir)
+    examples, _ = load_examples(synthetic_dir["train"])
+    prompts = [processor.encode(side) for ex in examples[:2] for side in (ex.query, ex.positive)]
+    prompts.append(processor.encode(Side("a red circle")))
+    config = OmegaConf.create({**SAMPLING, "response_length": 12, "return_embeddings": True})
+    engine = HFRollout.load(tiny_model_dir, config, torch.device("cpu"), torch.float32)
+    gen_emb = processor.gen_emb_id
+    policy = EmbeddingPolicy(engine.model, gen_emb).eval()
+    with torch.no_grad():  # make both stop ids likely: their output rows along the states' mean
+        last = pack_sequences(prompts, [[gen_emb]] * len(prompts), processor.pad_id)
+        states = policy(**last, **media_inputs(prompts), with_log_probs=False)["embeddings"].mean(0)
+        engine.model.lm_head.weight[gen_emb] = states / states.norm() ** 2
+        engine.model.lm_head.weight[processor.tokenizer.eos_token_id] = 0.7 * states / states.norm() ** 2
+    sampled = engine.sample(prompts, n=4, seed=3)
+    rows = [r for group in sampled.responses for r in group]
+    ends = {"gen_emb": 0, "stop": 0, "cap": 0}
+    for r in rows:
+        ends["gen_emb" if r[-1] == gen_emb else "stop" if r[-1] in engine.stop_ids else "cap"] += 1
+    assert all(ends.values()), ends  # every way a response ends is in the batch
+
+    repeated = [p for p in prompts for _ in range(4)]
+    with torch.no_grad():
+        out = policy(
+            **pack_sequences(repeated, rows, processor.pad_id), **media_inputs(repeated), with_entropy=False
+        )
+    assert torch.equal(sampled.has_gen_emb, out["has_gen_emb"])
+    assert int(sampled.has_gen_emb.sum()) == ends["gen_emb"]
+    torch.testing.assert_close(sampled.embeddings, out["embeddings"], rtol=0, atol=EMBEDDING_ATOL)
+
+    config.return_embeddings = False
+    plain = engine.sample(prompts, n=4, seed=3)
+    assert plain.responses == sampled.responses and plain.embeddings is None
+    torch.testing.assert_close(
+        [torch.tensor(v) for g in plain.logprobs for v in g],
+        [torch.tensor(v) for g in sampled.logprobs for v in g],
+    )
+
+
 def test_rows_past_the_tokenizer_are_never_sampled(qwen2_vl):
     processor, model = qwen2_vl
     boosted = copy.deepcopy(model)
@@ -63,7 +114,7 @@ def test_rows_past_the_tokenizer_are_never_sampled(qwen2_vl):
     engine = HFRollout(
         boosted,
         processor.tokenizer,
-        OmegaConf.create({**SAMPLING, "response_length": 8}),
+        OmegaConf.create({**SAMPLING, "response_length": 8, "return_embeddings": False}),
         torch.device("cpu"),
     )
     prompts = [processor.encode(Side("a red circle")), processor.encode(Side("two blue squares"))]

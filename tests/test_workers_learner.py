@@ -184,3 +184,39 @@ def test_a_non_finite_gradient_skips_the_optimizer_step():
     assert stepped and norm == pytest.approx((6 * 9 + 2) ** 0.5)
     clipped = layer.weight.detach() - before[0]
     torch.testing.assert_close(clipped, torch.full_like(clipped, -0.1 * 3.0 / norm))
+
+
+def test_on_policy_update_equals_the_one_after_a_separate_forward(tiny_model_dir, mixed_batch, single_rank):
+    """An on-policy step (one epoch, one mini-batch) sends no old log-probs: the update's own forward,
+    detached, stands in for them. Against the same update after `compute_log_prob`: the log-probs and
+    entropy it returns equal that forward's, and the updated weights equal its update's (the two
+    forwards pack micro-batches differently: fp32 rounding only). The embeddings-only forward gives the
+    embeddings of the full one."""
+    from conftest import make_learner, scored
+
+    _, data = mixed_batch
+    separate, on_policy = make_learner(tiny_model_dir), make_learner(tiny_model_dir)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0, 2.0, -2.0])
+    scored(separate, data, advantages)
+    before = data.batch["old_log_probs"].clone(), data.batch["entropy"].clone()
+    separate.update_actor(data)
+
+    lean = data.select(batch_keys=["response_mask", "ref_log_prob", "advantages"], deepcopy=True)
+    on_policy.config.actor.grad_clip = separate.config.actor.grad_clip
+    embeddings = on_policy.compute_forwards(
+        DataProto(lean.batch, lean.non_tensor_batch, {**lean.meta_info, "policy": "embeddings"})
+    )
+    assert set(embeddings.batch.keys()) == {"embeddings", "has_gen_emb"}
+    torch.testing.assert_close(embeddings.batch["embeddings"], data.batch["embeddings"], rtol=0, atol=1e-6)
+    out = on_policy.update_actor(lean)
+    mask = data.batch["response_mask"].bool()
+    for got, expected in zip((out.batch["old_log_probs"], out.batch["entropy"]), before, strict=True):
+        torch.testing.assert_close(got[mask], expected[mask], rtol=0, atol=1e-5)
+        assert not got[~mask].any()
+    assert out.meta_info["weights_changed"]
+    for (name, a), b in zip(separate.policy.named_parameters(), on_policy.policy.parameters(), strict=True):
+        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=0, atol=1e-6, msg=name)
+
+    on_policy.config.actor.ppo_epochs = 2  # a second epoch is off-policy: it needs the recorded ones
+    with pytest.raises(ValueError, match="ppo_epochs=2"):
+        on_policy.update_actor(lean)

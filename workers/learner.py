@@ -49,6 +49,11 @@ def resolved_prompts(data: DataProto) -> list[EncodedPrompt]:
     return ray.get(prompts) if isinstance(prompts, ray.ObjectRef) else prompts
 
 
+def _asking(data: DataProto, **forwards) -> DataProto:
+    """`data` (its rows shared, not copied) asking `compute_forwards` for these forwards."""
+    return DataProto(data.batch, data.non_tensor_batch, {**data.meta_info, **forwards})
+
+
 class LearnerWorker(ConfiguredWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self, model_path: str) -> None:
@@ -92,7 +97,9 @@ class LearnerWorker(ConfiguredWorker):
             ref = EmbeddingPolicy(ref_model, self.gen_emb_id)
             self.ref = shard_from_rank0(ref, mesh, param_dtype, self.device, offload).eval()
 
-    def _forward(self, module, data: DataProto, prompts, with_entropy: bool) -> dict[str, torch.Tensor]:
+    def _forward(
+        self, module, data: DataProto, prompts, with_entropy: bool, with_log_probs: bool = True
+    ) -> dict[str, torch.Tensor]:
         """One micro-batch, packed to its own longest prompt and response; per-token outputs come
         back at the batch's response width, zero on padding."""
         width = data.batch["response_mask"].shape[1]
@@ -100,7 +107,11 @@ class LearnerWorker(ConfiguredWorker):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         shared = shared_media(rows).to(self.device)
         out = module(
-            **batch, shared=shared, temperature=self.config.rollout.temperature, with_entropy=with_entropy
+            **batch,
+            shared=shared,
+            temperature=self.config.rollout.temperature,
+            with_entropy=with_entropy,
+            with_log_probs=with_log_probs,
         )
         for key in ("log_probs", "entropy"):  # zero past each response, whatever the micro-batching
             if key in out:
@@ -145,37 +156,45 @@ class LearnerWorker(ConfiguredWorker):
         )
 
     def _forward_all(
-        self, module, data: DataProto, forward: str, with_entropy: bool
+        self, module, data: DataProto, forward: str, with_entropy: bool, with_log_probs: bool = True
     ) -> dict[str, torch.Tensor]:
         """Forward over every row in micro-batches; outputs in the rows' original order, on CPU."""
         parts, order = [], []
         prompts = resolved_prompts(data)
         for rows in self._micro_batches(data, prompts, forward):
-            parts.append(self._forward(module, self._rows(data, rows), prompts, with_entropy))
+            micro = self._rows(data, rows)
+            parts.append(self._forward(module, micro, prompts, with_entropy, with_log_probs))
             order.append(torch.as_tensor(rows))
         inverse = torch.argsort(torch.cat(order))
         return {k: torch.cat([p[k] for p in parts])[inverse].cpu() for k in parts[0]}
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
     @torch.no_grad()
+    def compute_forwards(self, data: DataProto) -> DataProto:
+        """The step's forwards before the update, in one call. `meta_info["policy"]`: "log_probs" (old
+        log-probs, entropy and generative embeddings, one forward), "embeddings" (those alone, without
+        the vocabulary projection) or None; `meta_info["ref"]`: the reference's log-probs too."""
+        tensors = {}
+        policy = data.meta_info.get("policy")
+        if policy is not None:
+            self.policy.eval()
+            with_log_probs = policy == "log_probs"
+            out = self._forward_all(self.policy, data, "rollout", with_log_probs, with_log_probs)
+            tensors.update(embeddings=out["embeddings"], has_gen_emb=out["has_gen_emb"])
+            if with_log_probs:
+                tensors.update(old_log_probs=out["log_probs"], entropy=out["entropy"])
+        if data.meta_info.get("ref"):
+            tensors["ref_log_prob"] = self._forward_all(self.ref, data, "ref", with_entropy=False)[
+                "log_probs"
+            ]
+        return DataProto.from_dict(tensors=tensors)
+
     def compute_log_prob(self, data: DataProto) -> DataProto:
         """Old log-probs, entropy and generative embeddings of the responses, in one forward."""
-        self.policy.eval()
-        out = self._forward_all(self.policy, data, "rollout", with_entropy=True)
-        return DataProto.from_dict(
-            tensors={
-                "old_log_probs": out["log_probs"],
-                "entropy": out["entropy"],
-                "embeddings": out["embeddings"],
-                "has_gen_emb": out["has_gen_emb"],
-            }
-        )
+        return self.compute_forwards(_asking(data, policy="log_probs", ref=False))
 
-    @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
-    @torch.no_grad()
     def compute_ref_log_prob(self, data: DataProto) -> DataProto:
-        out = self._forward_all(self.ref, data, "ref", with_entropy=False)
-        return DataProto.from_dict(tensors={"ref_log_prob": out["log_probs"]})
+        return self.compute_forwards(_asking(data, policy=None, ref=True))
 
     def _global_sum(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -201,11 +220,21 @@ class LearnerWorker(ConfiguredWorker):
         """PPO epochs over mini-batches; gradients accumulate over micro-batches. The logged losses are
         the true means over each mini-batch: every micro-batch's loss is its share of the global mean
         (verl's `global_batch_info`), so the shares are summed here and averaged over ranks by the
-        controller."""
+        controller. Without `old_log_probs` in `data` (an on-policy step: one epoch, one mini-batch) the
+        update's own forward, detached, is the old log-prob, and the result carries it and its entropy
+        (the weights before the step), as `compute_log_prob` would have."""
         cfg = self.config.actor
         self.policy.train()
         policy_loss = get_policy_loss_fn(cfg.policy_loss)
         mini_size = self._mini_batch_rows(len(data))
+        on_policy = "old_log_probs" not in data.batch
+        if on_policy and (cfg.ppo_epochs != 1 or mini_size < len(data)):
+            raise ValueError(
+                "a batch without old_log_probs needs an on-policy update: actor.ppo_epochs=1 and one "
+                "mini-batch (actor.ppo_mini_batch_size null or >= the batch); got "
+                f"ppo_epochs={cfg.ppo_epochs}, {mini_size} of {len(data)} rows per mini-batch"
+            )
+        before = {k: torch.zeros(data.batch["response_mask"].shape) for k in ("old_log_probs", "entropy")}
         prompts = resolved_prompts(data)
         metrics: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(int(data.meta_info.get("seed", 0)))
@@ -213,7 +242,7 @@ class LearnerWorker(ConfiguredWorker):
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(data), generator=generator) if cfg.shuffle else torch.arange(len(data))
             shuffled = data.select_idxs(order.numpy())
-            for mini in shuffled.split(mini_size):
+            for start, mini in zip(range(0, len(data), mini_size), shuffled.split(mini_size), strict=True):
                 loss_config = OmegaConf.create(
                     {
                         "clip_ratio": cfg.clip_ratio,
@@ -231,8 +260,14 @@ class LearnerWorker(ConfiguredWorker):
                     }
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                micros = [self._rows(mini, rows) for rows in self._micro_batches(mini, prompts, "actor")]
-                steps = [self._micro_step(micro, prompts, policy_loss, loss_config) for micro in micros]
+                steps = []
+                for rows in self._micro_batches(mini, prompts, "actor"):
+                    step, outputs = self._micro_step(
+                        self._rows(mini, rows), prompts, policy_loss, loss_config
+                    )
+                    steps.append(step)
+                    for key, value in outputs.items():  # on-policy: the rows' values before the step
+                        before[key][order[start + rows]] = value.cpu()
                 for key in steps[0]:
                     values = [step[key] for step in steps]
                     total = key in LOSS_SHARES  # shares of the mini-batch mean: their sum is the mean
@@ -244,15 +279,23 @@ class LearnerWorker(ConfiguredWorker):
         summary = {k: float(np.mean(v)) for k, v in metrics.items()}
         summary["actor/lr"] = self.scheduler.get_last_lr()[0]
         summary["actor/skipped_steps"] = float(skipped)  # optimizer steps left out: non-finite gradient
-        return DataProto(meta_info={"metrics": summary})
+        steps_taken = cfg.ppo_epochs * -(-len(data) // mini_size) - skipped
+        meta = {"metrics": summary, "weights_changed": steps_taken > 0}
+        return DataProto.from_dict(tensors=before, meta_info=meta) if on_policy else DataProto(meta_info=meta)
 
-    def _micro_step(self, micro: DataProto, prompts, policy_loss, loss_config) -> dict[str, float]:
+    def _micro_step(
+        self, micro: DataProto, prompts, policy_loss, loss_config
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Loss and backward of one micro-batch; its metrics, and on an on-policy step (no
+        `old_log_probs`) its log-probs and entropy before the update."""
         cfg = self.config.actor
-        out = self._forward(self.policy, micro, prompts, with_entropy=False)
+        on_policy = "old_log_probs" not in micro.batch
+        out = self._forward(self.policy, micro, prompts, with_entropy=on_policy)
         mask = micro.batch["response_mask"].to(self.device).float()
         log_prob = out["log_probs"]
+        old = log_prob.detach() if on_policy else micro.batch["old_log_probs"].to(self.device)
         pg_loss, pg_metrics = policy_loss(
-            old_log_prob=micro.batch["old_log_probs"].to(self.device),
+            old_log_prob=old,
             log_prob=log_prob,
             advantages=micro.batch["advantages"].to(self.device),
             response_mask=mask,
@@ -267,7 +310,7 @@ class LearnerWorker(ConfiguredWorker):
             loss = loss + cfg.kl_loss_coef * kl_loss
             metrics["actor/kl_loss"] = float(kl_loss.detach())
         loss.backward()
-        return metrics
+        return metrics, ({"old_log_probs": old, "entropy": out["entropy"]} if on_policy else {})
 
     def rollout_weight_buckets(self, trainable_only: bool = True):
         """The actor's weights for rollout engines: full tensors in the engine's compute dtype (bf16 on

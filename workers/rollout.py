@@ -22,15 +22,25 @@ from workers.base import ConfiguredWorker
 
 
 def timed_generate(engine: RolloutEngine, prompts: list[EncodedPrompt], n: int, seed: int) -> dict:
-    """G = n responses per prompt, the engine's log-probs of their tokens, and the seconds it took (the
-    step's `timing_s/generate`)."""
+    """G = n responses per prompt, the engine's log-probs of their tokens (and embeddings, where it
+    gives them), and the seconds it took (the step's `timing_s/generate`)."""
     start = time.perf_counter()
-    sampled = engine.sample(prompts, n, seed) if prompts else Sampled([], [])
-    return {
-        "responses": sampled.responses,
-        "logprobs": sampled.logprobs,
-        "seconds": time.perf_counter() - start,
-    }
+    sampled = engine.sample(prompts, n, seed) if prompts else None
+    return {"sampled": sampled, "seconds": time.perf_counter() - start}
+
+
+def joined_samples(results: list[dict]) -> tuple[Sampled, float]:
+    """The workers' `timed_generate` results as one `Sampled`, in worker order, and the slowest
+    worker's seconds. Embeddings only when every worker with prompts gave them."""
+    parts = [r["sampled"] for r in results if r["sampled"] is not None]
+    embedded = all(p.embeddings is not None for p in parts)
+    sampled = Sampled(
+        [group for p in parts for group in p.responses],
+        [group for p in parts for group in p.logprobs],
+        torch.cat([p.embeddings for p in parts]) if embedded else None,
+        torch.cat([p.has_gen_emb for p in parts]) if embedded else None,
+    )
+    return sampled, max(r["seconds"] for r in results)
 
 
 class RolloutWorker(ConfiguredWorker):

@@ -6,6 +6,7 @@ Layout (what `ume_r1.training.micro_batches.pack_rows` reads on the learner):
 - `non_tensor_batch["response"]`: the row's response tokens (int32, unpadded);
 - `batch["response_mask"]`: (rows, longest response); the per-token values the learners return and
   take (old / reference log-probs, advantages) share its width;
+- `batch["old_log_probs"]`: absent on on-policy steps (`on_policy`), whose update computes them;
 - `meta_info["prompts"]`: the step's encoded prompts (token ids and pixels), or, once `share_prompts`
   has put them into Ray's object store, one reference to them: every learner call of the step then
   passes the reference, and each node fetches the pixels once.
@@ -18,6 +19,7 @@ from dataclasses import replace
 import numpy as np
 import ray
 import torch
+from omegaconf import DictConfig
 from verl import DataProto
 from verl.protocol import pad_dataproto_to_divisor
 
@@ -64,3 +66,16 @@ def pad_for_ranks(data: DataProto, ranks: int) -> DataProto:
     if pad:
         padded.batch["response_mask"][-pad:] = 0
     return padded
+
+
+def on_policy(cfg: DictConfig) -> bool:
+    """Whether every step's update is on-policy, so that its own forward, detached, gives the old
+    log-probs (`actor.recompute_old_log_prob: auto`): one PPO epoch over one mini-batch of the whole
+    step, and no group filter (whose dropped rows the update would never see)."""
+    actor = cfg.actor
+    return (
+        actor.recompute_old_log_prob == "auto"
+        and actor.ppo_epochs == 1
+        and actor.ppo_mini_batch_size is None
+        and not cfg.algorithm.filter_groups.enable
+    )

@@ -15,7 +15,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import ray
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from verl import DataProto
@@ -25,16 +24,17 @@ from ume_r1.data.loader import BadRowCounts, EncodedRows, row_batches
 from ume_r1.data.media import MediaLimits
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rl_rows import load_examples
-from ume_r1.data.template import swap_reasoning
 from ume_r1.eval.metrics import reasoning_sensitivity
 from ume_r1.grpo.advantages import drop_flat_groups, grpo_advantages
 from ume_r1.grpo.grouping import EncodedExample, StepPrompts, encode_example, plan_prompts
-from ume_r1.grpo.learner_batch import build_sequences, pad_for_ranks, share_prompts
+from ume_r1.grpo.learner_batch import build_sequences, on_policy, pad_for_ranks, share_prompts
+from ume_r1.grpo.probe import swapped_responses
 from ume_r1.grpo.step_metrics import reward_group_stats, rollout_probs_diff, step_metrics
 from ume_r1.grpo.supervision import SupervisedGroup, WorkerFailure
 from ume_r1.grpo.worker_groups import init_ray, learner_config, node_pool, plain, worker_group
 from ume_r1.reward.batch import RewardBatch
 from ume_r1.reward.registry import available_rewards
+from ume_r1.rollout.engine import Sampled
 from ume_r1.training.checkpoint import (
     SHARDS,
     CheckpointDir,
@@ -48,7 +48,7 @@ from ume_r1.training.preflight import check_output_dir, checkpoint_bytes
 from workers.hybrid import ActorRolloutRefWorker
 from workers.learner import LearnerWorker
 from workers.reward import RewardWorker
-from workers.rollout import RolloutWorker
+from workers.rollout import RolloutWorker, joined_samples
 
 
 class GRPOTrainer:
@@ -119,6 +119,9 @@ class GRPOTrainer:
         self.threads = cfg.ray.threads_per_worker
         learners = node_pool(cfg.learner.num_workers, cfg.trainer.nnodes, self.gpu, "learner.num_workers")
         self.hybrid = bool(cfg.trainer.hybrid_engine)
+        self.on_policy = on_policy(cfg)
+        if not self.on_policy:  # the learner's old-log-prob forward gives the embeddings anyway
+            cfg.rollout.return_embeddings = False
         # verl's ActorRolloutRef (hybrid): each learner rank generates with its own engine; else
         # standalone rollout workers, scaled independently of the learners
         learner_cls = ActorRolloutRefWorker if self.hybrid else LearnerWorker
@@ -250,23 +253,19 @@ class GRPOTrainer:
         with _timer(timing, "prepare"):
             plan = plan_prompts(examples)
         with _timer(timing, "rollout"):
-            responses, engine_logprobs, timing["generate"] = self.rollout(
-                plan, seed=cfg.trainer.seed * 100_003 + step
-            )
+            sampled, timing["generate"] = self.rollout(plan, seed=cfg.trainer.seed * 100_003 + step)
         with _timer(timing, "forward"):
-            data, prompt_index = build_sequences(plan.prompts, responses)
+            data, prompt_index = build_sequences(plan.prompts, sampled.responses)
             shared = share_prompts(data)  # the step's pixels cross the object store once
             data.meta_info["seed"] = step
-            padded = pad_for_ranks(data, cfg.learner.num_workers)
-            out = self.learners.compute_log_prob(padded)[: len(data)]
-            data.union(out)
-            if cfg.actor.use_kl_loss:
-                data.union(self.learners.compute_ref_log_prob(padded)[: len(data)])
-        update_metrics = rollout_probs_diff(
-            engine_logprobs, data.batch["old_log_probs"], data.batch["response_mask"]
-        )
+            self.forward(data, sampled)
+        update_metrics = {}
+        if "old_log_probs" in data.batch:
+            update_metrics = rollout_probs_diff(
+                sampled.logprobs, data.batch["old_log_probs"], data.batch["response_mask"]
+            )
         with _timer(timing, "reward"):
-            texts = self.tokenizer.batch_decode([r for group in responses for r in group])
+            texts = self.tokenizer.batch_decode([r for group in sampled.responses for r in group])
             batch = RewardBatch(
                 embeddings=data.batch["embeddings"].float(),
                 responses=texts,
@@ -285,7 +284,7 @@ class GRPOTrainer:
         if cfg.trainer.reasoning_sensitivity_freq > 0 and step % cfg.trainer.reasoning_sensitivity_freq == 0:
             with _timer(timing, "probe"):
                 update_metrics["embedding/reasoning_sensitivity"] = self.probe_reasoning(
-                    plan, responses, texts, data, step, shared
+                    plan, sampled.responses, texts, data, step, shared
                 )
         kept = data
         if cfg.algorithm.filter_groups.enable:
@@ -296,13 +295,37 @@ class GRPOTrainer:
                 update = self.learners.update_actor(pad_for_ranks(kept, cfg.learner.num_workers))
                 per_rank = update.meta_info["metrics"]
                 update_metrics.update({k: float(np.mean(v)) for k, v in per_rank.items()})  # per-rank lists
+            if self.on_policy:  # the update's forward gave the old log-probs (the weights before it)
+                data.union(update[: len(data)])
+                update_metrics.update(
+                    rollout_probs_diff(
+                        sampled.logprobs, data.batch["old_log_probs"], data.batch["response_mask"]
+                    )
+                )
             with _timer(timing, "sync"):
-                update_metrics.update(self.sync_weights())
+                if self.needs_sync(update.meta_info["weights_changed"]):
+                    update_metrics.update(self.sync_weights())
         timing["step"] = time.perf_counter() - start
         kl_type = cfg.actor.kl_loss_type if cfg.actor.use_kl_loss else None
         metrics = step_metrics(plan, data, prompt_index, scores, update_metrics, timing, kl_type)
         metrics["fault/rollout_restarts"] = float(self.rollout_restarts)
         return metrics
+
+    def forward(self, data: DataProto, sampled: Sampled) -> None:
+        """The learners' forwards before the update, in one call, into `data`: the policy's old log-probs
+        (unless the step is on-policy) and embeddings (unless the engine returned them), and the
+        reference's log-probs (with the KL loss)."""
+        cfg = self.cfg
+        if sampled.embeddings is not None:
+            data.batch["embeddings"], data.batch["has_gen_emb"] = sampled.embeddings, sampled.has_gen_emb
+        policy = None if self.on_policy else "log_probs"
+        if policy is None and sampled.embeddings is None:
+            policy = "embeddings"
+        if policy is None and not cfg.actor.use_kl_loss:
+            return
+        padded = pad_for_ranks(data, cfg.learner.num_workers)
+        padded.meta_info.update(policy=policy, ref=bool(cfg.actor.use_kl_loss))
+        data.union(self.learners.compute_forwards(padded)[: len(data)])
 
     def probe_reasoning(
         self,
@@ -313,55 +336,35 @@ class GRPOTrainer:
         step: int,
         shared: ray.ObjectRef,
     ) -> float:
-        """Reasoning sensitivity: each response is embedded again with its <think> text replaced by that
-        of the same-numbered response of another input (the next prompt that is not its positive), and
-        compared with its own embedding (ume_r1.eval.metrics.reasoning_sensitivity). One learner forward."""
-        count = len(responses)
-        starts = np.cumsum([0] + [len(group) for group in responses])
-        flat = [r for group in responses for r in group]
-
-        def donor(p: int) -> int:
-            others = [(p + d) % count for d in range(1, count)]
-            return next((q for q in others if q not in plan.positives[p]), others[0] if others else p)
-
-        donors = [donor(p) for p in range(count)]  # once per prompt, not per response
-        rows = [
-            starts[donors[p]] + k % len(responses[donors[p]])
-            for p, group in enumerate(responses)
-            for k in range(len(group))
-        ]
-        swapped = [swap_reasoning(text, texts[d]) for text, d in zip(texts, rows, strict=True)]
-        ids = [
-            self.tokenizer(t, add_special_tokens=False)["input_ids"] if t is not None else own
-            for t, own in zip(swapped, flat, strict=True)
-        ]
-        grouped = [ids[starts[p] : starts[p + 1]] for p in range(count)]
+        """Reasoning sensitivity of the step's embeddings (`ume_r1.grpo.probe`): one learner forward of
+        the swapped responses, embeddings only."""
+        grouped, swapped = swapped_responses(plan, responses, texts, self.tokenizer)
         probe, _ = build_sequences(plan.prompts, grouped)
         share_prompts(probe, shared)
-        probe.meta_info["seed"] = step
-        out = self.learners.compute_log_prob(pad_for_ranks(probe, self.cfg.learner.num_workers))[: len(probe)]
-        valid = (
-            torch.tensor([t is not None for t in swapped])
-            & data.batch["has_gen_emb"].bool()
-            & out.batch["has_gen_emb"].bool()
-        )
+        probe.meta_info.update(seed=step, policy="embeddings", ref=False)
+        padded = pad_for_ranks(probe, self.cfg.learner.num_workers)
+        out = self.learners.compute_forwards(padded)[: len(probe)]
+        valid = swapped & data.batch["has_gen_emb"].bool() & out.batch["has_gen_emb"].bool()
         return reasoning_sensitivity(data.batch["embeddings"], out.batch["embeddings"], valid)
 
-    def rollout(
-        self, plan: StepPrompts, seed: int
-    ) -> tuple[list[list[list[int]]], list[list[list[float]]], float]:
-        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, the
-        engines' log-probs of their tokens, and the slowest worker's generation seconds."""
+    def rollout(self, plan: StepPrompts, seed: int) -> tuple[Sampled, float]:
+        """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, with
+        the engines' log-probs of their tokens (and embeddings, where the engines give them), and the
+        slowest worker's generation seconds."""
         workers = self.rollouts.world_size
         chunks = [list(c) for c in np.array_split(np.arange(len(plan.prompts)), workers)]
         results = self._rollout_call(
             "generate", [[plan.prompts[i] for i in c] for c in chunks], [seed] * workers
         )
-        return (
-            [group for r in results for group in r["responses"]],
-            [group for r in results for group in r["logprobs"]],
-            max(r["seconds"] for r in results),
-        )
+        return joined_samples(results)
+
+    def needs_sync(self, weights_changed: bool) -> bool:
+        """Whether the engines need the actor's weights after an update: never for the hybrid hf engine
+        (it generates with the actor's own module); not for standalone engines when no optimizer step
+        was taken (every gradient non-finite)."""
+        if self.hybrid:
+            return self.cfg.rollout.name != "hf"
+        return weights_changed
 
     def sync_weights(self) -> dict[str, float]:
         """Learner -> rollout engines. Hybrid: in process, on every rank. Standalone: the learner puts

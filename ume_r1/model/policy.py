@@ -40,9 +40,19 @@ def disc_embeddings(hidden: torch.Tensor, prompt_ids: torch.Tensor, disc_emb_id:
     return hidden_at(hidden, index)
 
 
-def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+def _chunk_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the targets and (detached; empty without `with_entropy`) the entropy, from one
+    logits matmul."""
     logits = F.linear(hidden, weight).float() / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    log_z = torch.logsumexp(logits, dim=-1)
+    log_probs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    if not with_entropy:
+        return log_probs, logits.new_empty(0)
+    with torch.no_grad():
+        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return log_probs, entropy
 
 
 def token_log_probs(
@@ -54,23 +64,21 @@ def token_log_probs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(hidden @ weight.T / temperature)[target] per position, and (without gradient) the
-    entropy of that distribution, `chunk_tokens` positions at a time: the fp32 logits of a whole
-    micro-batch (tokens x vocabulary: 4k x 151,936 is 2.5 GB) never exist at once. Under autograd each
-    chunk is checkpointed, so its logits are recomputed in backward instead of kept."""
+    entropy of that distribution from the same logits, `chunk_tokens` positions at a time: the fp32
+    logits of a whole micro-batch (tokens x vocabulary: 4k x 151,936 is 2.5 GB) never exist at once.
+    Under autograd each chunk is checkpointed, so its logits are recomputed in backward instead of kept."""
     shape = targets.shape
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     log_probs, entropies = [], []
     for start in range(0, flat_targets.numel(), chunk_tokens):
         h, t = flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens]
+        args = (h, weight, t, temperature, with_entropy)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            log_probs.append(checkpoint(_chunk_log_probs, h, weight, t, temperature, use_reentrant=False))
+            chunk, entropy = checkpoint(_chunk_log_probs, *args, use_reentrant=False)
         else:
-            log_probs.append(_chunk_log_probs(h, weight, t, temperature))
-        if with_entropy:
-            with torch.no_grad():
-                logits = F.linear(h, weight).float() / temperature
-                log_z = torch.logsumexp(logits, dim=-1)
-                entropies.append(log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+            chunk, entropy = _chunk_log_probs(*args)
+        log_probs.append(chunk)
+        entropies.append(entropy)
     entropy = torch.cat(entropies).reshape(shape) if with_entropy else None
     return torch.cat(log_probs).reshape(shape), entropy
 
@@ -102,10 +110,13 @@ class EmbeddingPolicy(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = True,
         shared: SharedMedia | None = None,
+        with_log_probs: bool = True,
         **media: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """`media`: pixel inputs of every row, in row order; or `shared`: those of the distinct
-        prompts only, whose vision features are then computed once and reused by all their rows."""
+        prompts only, whose vision features are then computed once and reused by all their rows.
+        `with_log_probs=False`: the embeddings only, without the vocabulary projection (at the 2B shape
+        with few layers, the bulk of a forward's work)."""
         inputs_embeds = None
         if shared is not None:
             inputs_embeds, media = self._embed_shared_media(input_ids, shared)
@@ -119,20 +130,21 @@ class EmbeddingPolicy(nn.Module):
         )
         width = responses.shape[1]
         hidden = out.last_hidden_state[:, -width:]
-        # Token t of the response is predicted by the state one step earlier.
-        log_probs, entropy = token_log_probs(
-            out.last_hidden_state[:, -width - 1 : -1],
-            self.model.lm_head.weight,
-            responses,
-            temperature,
-            self.logit_chunk_tokens,
-            with_entropy,
-        )
-        result = {"log_probs": log_probs.clone()}  # clone: FSDP2 warns about returning views from the root
-        if with_entropy:
-            result["entropy"] = entropy
-        if self.training and not self._has_pixels(media, shared):
-            result["log_probs"] = result["log_probs"] + self._touch_vision_tower()
+        result = {}
+        if with_log_probs:  # token t of the response is predicted by the state one step earlier
+            log_probs, entropy = token_log_probs(
+                out.last_hidden_state[:, -width - 1 : -1],
+                self.model.lm_head.weight,
+                responses,
+                temperature,
+                self.logit_chunk_tokens,
+                with_entropy,
+            )
+            result["log_probs"] = log_probs.clone()  # clone: FSDP2 warns about returning views from the root
+            if with_entropy:
+                result["entropy"] = entropy
+            if self.training and not self._has_pixels(media, shared):
+                result["log_probs"] = result["log_probs"] + self._touch_vision_tower()
         index, has = gen_emb_positions(responses, response_mask, self.gen_emb_id)
         result["embeddings"] = hidden_at(hidden, index)
         result["has_gen_emb"] = has

@@ -33,6 +33,11 @@ class Sampled:
 
     responses: list[list[list[int]]]
     logprobs: list[list[list[float]]]
+    # Engines that see their hidden states (hf): each response's generative embedding (the normalised
+    # last-layer state at its last `<gen_emb>`, else at its last token) and whether it had one, one row
+    # per response in order; the learner's forward then need not compute them.
+    embeddings: torch.Tensor | None = None
+    has_gen_emb: torch.Tensor | None = None
 
 
 class RolloutEngine(Protocol):

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ume_r1.data.collate import collate_prompts, mm_token_type_ids
 from ume_r1.data.processor import EncodedPrompt
+from ume_r1.data.template import GEN_EMB
 from ume_r1.model.hf_checkpoint import load_model
+from ume_r1.model.policy import gen_emb_positions, hidden_at
 from ume_r1.rollout.engine import Sampled, special_ids, trim_at_stop
 
 
@@ -37,6 +40,42 @@ class ChosenLogProbs(LogitsProcessor):
         return torch.cat([*self.steps, last], dim=1).cpu()
 
 
+class LastHiddenStates:
+    """A forward hook on the text model's final norm while generating: at each call the newest
+    position's last-layer state (call 0, the prefill: the prompt's last token; call k: the state at
+    response token k - 1, computed when that token is fed back in)."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, module, args, output: torch.Tensor) -> None:
+        self.calls.append(output[:, -1].clone())  # clone: the slice would keep the prefill's states alive
+
+    def embeddings(self, responses: list[list[int]], gen_emb_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised state at each response's last `<gen_emb>` (else its last token), and whether it
+        had one: what the learner's forward reads at the same position."""
+        width = max(1, max(len(r) for r in responses))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in responses])
+        mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in responses])[:, None]).long()
+        index, has = gen_emb_positions(ids, mask, gen_emb_id)
+        states = torch.stack(self.calls, dim=1).cpu()  # (rows, calls, hidden)
+        return hidden_at(states, index + 1), has
+
+
+class StopAfterFed(StoppingCriteria):
+    """A row is done one step after it sampled a stop id, once the stop token has been fed through the
+    model: its hidden state (the generative embedding at `<gen_emb>`) then exists. `eos_token_id` makes
+    generate pad the rows that are done, as its own end-of-sequence criterion does."""
+
+    def __init__(self, stop_ids: list[int], prompt_width: int) -> None:
+        self.eos_token_id = torch.tensor(stop_ids)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        fed = input_ids[:, self.prompt_width : -1]
+        return torch.isin(fed, self.eos_token_id.to(fed.device)).any(dim=1)
+
+
 class HFRollout:
     """Samples with `model.generate`. `gathered` is entered around each generate call: the hybrid
     worker passes one that unshards its FSDP actor, so generation reads the actor's own weights."""
@@ -52,6 +91,7 @@ class HFRollout:
         self.config, self.device, self.gathered = config, device, gathered
         self.model, self.tokenizer = model, tokenizer
         self.pad_id = tokenizer.pad_token_id
+        self.gen_emb_id = tokenizer.convert_tokens_to_ids(GEN_EMB)
         self.stop_ids, self.suppressed = special_ids(
             tokenizer, model.generation_config.eos_token_id, model.config.get_text_config().vocab_size
         )
@@ -74,42 +114,69 @@ class HFRollout:
     def _draw(
         self, prompts: list[EncodedPrompt], n: int, seed: int, sample: bool, with_logprobs: bool
     ) -> Sampled:
+        """With log-probs (`sample`) also the embeddings, when `rollout.return_embeddings`: generation
+        then runs one step past each row's stop token (and past the length cap), whose state it reads."""
         cfg = self.config
         drawn = n if sample else 1  # greedy: one response, repeated n times
-        torch.manual_seed(seed)
+        embed = with_logprobs and bool(cfg.return_embeddings)
         responses: list[list[list[int]]] = []
         logprobs: list[list[list[float]]] = []
+        embedded: list[tuple[torch.Tensor, torch.Tensor]] = []
         with self.gathered():
             for start in range(0, len(prompts), cfg.micro_batch_size):
                 chunk = prompts[start : start + cfg.micro_batch_size]
+                # a seed per call: its draws do not depend on how many steps the calls before it ran
+                torch.manual_seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
                 batch = {k: v.to(self.device) for k, v in collate_prompts(chunk, self.pad_id).items()}
+                width = batch["input_ids"].shape[1]
                 types = mm_token_type_ids(
                     batch["input_ids"], self.model.config.image_token_id, self.model.config.video_token_id
                 )
                 chosen = ChosenLogProbs(cfg.temperature if sample else 1.0)
-                sequences = self.model.generate(
-                    **batch,
-                    mm_token_type_ids=types,
-                    do_sample=sample,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k if cfg.top_k > 0 else None,
-                    max_new_tokens=cfg.response_length,
-                    num_return_sequences=drawn,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.pad_id,
-                    suppress_tokens=self.suppressed,
-                    logits_processor=LogitsProcessorList([chosen] if with_logprobs else []),
-                )
-                new = sequences[:, batch["input_ids"].shape[1] :]
-                rows = [trim_at_stop(row, self.stop_ids) for row in new.tolist()]
+                states = LastHiddenStates()
+                stopping = {"eos_token_id": self.stop_ids}
+                if embed:
+                    hook = self.model.model.language_model.norm.register_forward_hook(states)
+                    stop = StoppingCriteriaList([StopAfterFed(self.stop_ids, width)])
+                    stopping = {"eos_token_id": None, "stopping_criteria": stop}
+                try:
+                    sequences = self.model.generate(
+                        **batch,
+                        mm_token_type_ids=types,
+                        do_sample=sample,
+                        temperature=cfg.temperature,
+                        top_p=cfg.top_p,
+                        top_k=cfg.top_k if cfg.top_k > 0 else None,
+                        max_new_tokens=cfg.response_length + embed,
+                        num_return_sequences=drawn,
+                        pad_token_id=self.pad_id,
+                        suppress_tokens=self.suppressed,
+                        logits_processor=LogitsProcessorList([chosen] if with_logprobs else []),
+                        **stopping,
+                    )
+                finally:
+                    if embed:
+                        hook.remove()
+                new = sequences[:, width:]
+                rows = [trim_at_stop(row[: cfg.response_length], self.stop_ids) for row in new.tolist()]
                 values = chosen.finish(new).tolist() if with_logprobs else [[] for _ in rows]
                 values = [v[: len(r)] for v, r in zip(values, rows, strict=True)]
+                repeat = n // drawn
                 for i in range(len(chunk)):
                     mine = slice(i * drawn, (i + 1) * drawn)
-                    responses.append(rows[mine] * (n // drawn))
-                    logprobs.append(values[mine] * (n // drawn))
-        return Sampled(responses, logprobs)
+                    responses.append(rows[mine] * repeat)
+                    logprobs.append(values[mine] * repeat)
+                if embed:
+                    order = [
+                        i * drawn + j for i in range(len(chunk)) for _ in range(repeat) for j in range(drawn)
+                    ]
+                    emb, has = states.embeddings(rows, self.gen_emb_id)
+                    embedded.append((emb[order], has[order]))
+        if not embed:
+            return Sampled(responses, logprobs)
+        return Sampled(
+            responses, logprobs, torch.cat([e for e, _ in embedded]), torch.cat([h for _, h in embedded])
+        )
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
