@@ -4,8 +4,8 @@ Same random tiny Qwen2-VL, same text-only pairs, G=4, 4 pairs per step (8 prompt
 and target, as UME-R1 samples both), at most 48 new tokens, fp32, lr 1e-4, KL to the reference with
 coefficient 0.04, token-mean loss, the same UME reward (ranking x gap + format) on `<gen_emb>`
 embeddings. With a random model both loops generate (nearly) the full length. TRL has no embedding
-forward, so its reward function runs one (the same EmbeddingPolicy forward this project's learner uses
-for its old log-probs, which yields the embeddings for free).
+forward, so its reward function runs one: EmbeddingPolicy's embeddings-only forward (no vocabulary
+projection), the cheapest way to get them with the model TRL trains.
 
 TRL is installed by this script into its own directory (`benchmarks/.trl-env`, `pip --target`, no
 dependencies: it runs on this project's torch, transformers, accelerate and datasets), which only the
@@ -161,7 +161,7 @@ def ume_reward(prompts, completions, completion_ids, step, slot, **_):
     encoded = [plan.prompts[s] for s in slot]
     batch = pack_sequences(encoded, completion_ids, processor.pad_id)
     with torch.no_grad():
-        out = policy(**batch, with_entropy=False)
+        out = policy(**batch, with_log_probs=False)  # the embeddings only: no vocabulary projection
     scores = reward(RewardBatch(
         embeddings=out["embeddings"], responses=tok.batch_decode(completion_ids),
         prompt_index=torch.tensor(list(slot)), has_gen_emb=out["has_gen_emb"], roles=plan.roles,
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out")
     parser.add_argument("--layouts", nargs="+", default=["hybrid", "hybrid-2", "standalone", "trl"])
     parser.add_argument(
-        "--before", metavar="REV", help="also run the standalone layout from this git revision (a worktree)"
+        "--before", metavar="REV", help="also run each of this project's layouts from this git revision"
     )
     args = parser.parse_args()
     ensure_trl()
@@ -221,8 +221,9 @@ def main() -> None:
     if args.before:
         tree = Path(tempfile.mkdtemp()) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=REPO, check=True)
-        trees[f"standalone@{args.before}"] = tree
-        args.layouts.append(f"standalone@{args.before}")
+        for name in [n for n in args.layouts if n != "trl"]:
+            trees[f"{name}@{args.before}"] = tree
+            args.layouts.append(f"{name}@{args.before}")
     results: dict[str, dict[str, list]] = {name: {"step_s": [], "length": []} for name in args.layouts}
     stages: dict[str, dict[str, list]] = {}
     loads = []
@@ -243,7 +244,7 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 print(f"round {r} {name}: {time.perf_counter() - start:.1f} s wall", flush=True)
 
-    for tree in trees.values():
+    for tree in set(trees.values()):
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
     print(
         f"\n{PAIRS} pairs/step ({2 * PAIRS} prompts), G={G}, <= {NEW_TOKENS} new tokens, fp32, "
