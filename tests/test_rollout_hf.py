@@ -15,6 +15,7 @@ from ume_r1.data.collate import media_inputs, pack_sequences
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rl_rows import load_examples
 from ume_r1.data.rows import Side
+from ume_r1.grpo.learner_batch import build_sequences
 from ume_r1.model.device import resolve_dtype
 from ume_r1.model.policy import EmbeddingPolicy
 from ume_r1.rollout.hf import HFRollout
@@ -121,3 +122,52 @@ def test_rows_past_the_tokenizer_are_never_sampled(qwen2_vl):
     drawn = {t for group in engine.generate(prompts, n=4, seed=0) for r in group for t in r}
     drawn |= {t for group in engine.generate(prompts, n=1, seed=0, do_sample=False) for r in group for t in r}
     assert drawn and not drawn & set(spare)
+
+
+def test_hybrid_generation_runs_without_fsdp_hooks(tiny_model_dir, synthetic_dir, single_rank):
+    """`gathered` (the hybrid hf engine generating from the FSDP actor): inside it the decoder layers'
+    FSDP forward hooks are off the call path, afterwards they are back, in order, and training forwards
+    run through them again; what the actor samples equals what a plain copy of the checkpoint samples."""
+    from functools import partial
+
+    from conftest import make_learner
+
+    from ume_r1.training.fsdp import gathered
+
+    learner = make_learner(tiny_model_dir)
+    processor = UMEProcessor.from_pretrained(tiny_model_dir)
+    examples, _ = load_examples(synthetic_dir["train"])
+    prompts = [processor.encode(side) for ex in examples[:2] for side in (ex.query, ex.positive)]
+    layers = learner.policy.model.model.language_model.layers
+    hooks = lambda: [(dict(layer._forward_pre_hooks), dict(layer._forward_hooks)) for layer in layers]  # noqa: E731
+    registered = hooks()
+    assert all(pre and post for pre, post in registered)
+
+    config = OmegaConf.create({**SAMPLING, "response_length": 8, "return_embeddings": True})
+    rows, _ = build_sequences(prompts, [[[100, 101]]] * len(prompts))
+    learner.compute_log_prob(rows)  # FSDP2 initialises itself on the root's first forward
+    seen = []
+
+    def in_generation(module, args, output):
+        seen.append(all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers))
+
+    norm = learner.policy.model.model.language_model.norm
+    probe = norm.register_forward_hook(in_generation)
+    actor = HFRollout(
+        learner.policy.model,
+        processor.tokenizer,
+        config,
+        torch.device("cpu"),
+        partial(gathered, learner.policy),
+    )
+    learner.policy.eval()
+    got = actor.sample(prompts, n=2, seed=4)
+    probe.remove()
+    assert seen and all(seen)
+    assert hooks() == registered
+    plain = HFRollout.load(tiny_model_dir, config, torch.device("cpu"), torch.float32).sample(
+        prompts, n=2, seed=4
+    )
+    assert got.responses == plain.responses
+    torch.testing.assert_close(got.embeddings, plain.embeddings, rtol=0, atol=EMBEDDING_ATOL)
+    assert learner.compute_log_prob(rows).batch["old_log_probs"].shape[0] == len(prompts)  # hooks work again

@@ -220,3 +220,27 @@ def test_on_policy_update_equals_the_one_after_a_separate_forward(tiny_model_dir
     on_policy.config.actor.ppo_epochs = 2  # a second epoch is off-policy: it needs the recorded ones
     with pytest.raises(ValueError, match="ppo_epochs=2"):
         on_policy.update_actor(lean)
+
+
+def test_a_step_without_an_optimizer_step_needs_no_standalone_sync(learner, mixed_batch):
+    """A non-finite gradient leaves the weights as they were (`weights_changed` false), so standalone
+    engines keep theirs; the hybrid hf engine never needs a sync, hybrid vLLM always gets one."""
+    from types import SimpleNamespace
+
+    from conftest import scored
+
+    from ume_r1.grpo.trainer import GRPOTrainer
+
+    _, data = mixed_batch
+    scored(learner, data, float("nan"))
+    assert not learner.update_actor(data).meta_info["weights_changed"]
+    scored(learner, data, 1.0)
+    assert learner.update_actor(data).meta_info["weights_changed"]
+
+    def needs_sync(hybrid: bool, name: str, changed: bool) -> bool:
+        trainer = SimpleNamespace(hybrid=hybrid, cfg=SimpleNamespace(rollout=SimpleNamespace(name=name)))
+        return GRPOTrainer.needs_sync(trainer, changed)
+
+    assert [needs_sync(False, "hf", c) for c in (True, False)] == [True, False]
+    assert [needs_sync(True, "vllm", c) for c in (True, False)] == [True, True]
+    assert not needs_sync(True, "hf", True)

@@ -121,7 +121,8 @@ def iter_full_parameters(
 def gathered(policy: EmbeddingPolicy):
     """Every FSDP unit of `policy` unsharded, and kept so across forwards: inside, modules run with no
     collective, so each rank can generate its own prompts for as many steps as it needs. The hybrid
-    worker's hf rollout generates from the actor's own weights this way."""
+    worker's hf rollout generates from the actor's own weights this way. FSDP's forward hooks are out of
+    the way meanwhile (`_forward_hooks_detached`)."""
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
     inner = [u for u in units if u is not policy]  # the root keeps its own policy; it is not called here
     for unit in inner:
@@ -129,9 +130,41 @@ def gathered(policy: EmbeddingPolicy):
     for unit in units:
         unit.unshard()
     try:
-        yield
+        with _forward_hooks_detached(inner):
+            yield
     finally:
         for unit in inner:
             unit.set_reshard_after_forward(True, recurse=False)  # `shard` built them with the default
         for unit in units:
             unit.reshard()
+
+
+# nn.Module's forward-hook registries: FSDP2 registers its hooks in these
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+@contextmanager
+def _forward_hooks_detached(units: list[FSDPModule]):
+    """FSDP2's pre- and post-forward hooks of `units` taken off the module-call path, and put back as
+    they were after. With every unit unsharded and kept so, all they would do on each call is check
+    that, cast nothing and walk the inputs and outputs: per decoder layer and generated token, Python
+    work that costs more than a small layer's decode step. FSDP2 has no public switch for it; its state
+    holds the two hook handles."""
+    saved = [(unit, {name: dict(getattr(unit, name)) for name in _HOOK_DICTS}) for unit in units]
+    for unit in units:
+        state = unit._get_fsdp_state()
+        state._pre_forward_hook_handle.remove()
+        state._post_forward_hook_handle.remove()
+    try:
+        yield
+    finally:
+        for unit, registries in saved:
+            for name, hooks in registries.items():
+                getattr(unit, name).clear()
+                getattr(unit, name).update(hooks)
