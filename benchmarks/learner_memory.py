@@ -5,9 +5,12 @@ Each configuration runs in a fresh process (peak RSS is per process), alternatel
 - `before`: the log-prob formula the learner used until issue 8 (full fp32 logits, log-softmax over
   the vocabulary, gather), no gradient checkpointing;
 - `after`: `ume_r1.model.policy.token_log_probs` (1024-token chunks, each checkpointed) and gradient
-  checkpointing of the decoder layers.
-One step = forward of the learner's policy (hidden states, response log-probs, embeddings), a
-token-mean loss, backward.
+  checkpointing of the decoder layers;
+- `trl`: TRL's training forward and loss on the same batch (its own code, from `benchmarks/.trl-env`,
+  see trl_side_by_side.py): the model's logits at the response positions only (`logits_to_keep`),
+  TRL's `selective_log_softmax` and `entropy_from_logits`, with gradient checkpointing (TRL's default).
+One step = forward of the learner's policy (hidden states, response log-probs, embeddings; TRL: log-probs
+and entropy), a token-mean loss, backward. The table gives the step's own growth per response token.
 
 Second table (`batching`): one update over a step's worth of ragged responses, padded micro-batches
 (the learner before issue 8) against token-budget micro-batches trimmed to their own longest row.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qwen2_vl_shapes import cut_2b  # noqa: E402
+from trl_side_by_side import TRL_ENV, ensure_trl  # noqa: E402
 
 PROMPT_TOKENS = 64
 
@@ -41,6 +45,8 @@ def one_step(variant: str, length: int, responses: int) -> dict:
     from ume_r1.model.device import enable_gradient_checkpointing
 
     model, vocab = cut_2b(layers=2)
+    if variant == "trl":
+        return trl_step(model, vocab, length, responses)
     if variant == "before":
 
         def plain(hidden, weight, targets, temperature=1.0, chunk_tokens=0, with_entropy=False):
@@ -60,6 +66,34 @@ def one_step(variant: str, length: int, responses: int) -> dict:
     start = time.perf_counter()
     out = policy(input_ids, mask, response, torch.ones_like(response), with_entropy=False)
     loss = -out["log_probs"].mean() + out["embeddings"].sum() * 0.0
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_gb": peak / 2**20, "step_gb": (peak - baseline) / 2**20, "seconds": seconds}
+
+
+def trl_step(model, vocab: int, length: int, responses: int) -> dict:
+    """TRL's GRPO training forward and loss (its `_get_per_token_logps_and_entropies` and token-mean
+    loss, on-policy: ratio 1) on the batch `one_step` builds."""
+    import torch
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    model.train()
+    prompt = torch.randint(0, vocab, (responses, PROMPT_TOKENS))
+    response = torch.randint(0, vocab, (responses, length))
+    input_ids = torch.cat([prompt, response], dim=1)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    logits = model(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), logits_to_keep=length + 1
+    ).logits
+    logits = logits[:, :-1, :]
+    log_probs = selective_log_softmax(logits, response)
+    with torch.no_grad():
+        entropy_from_logits(logits)
+    loss = -(log_probs * torch.exp(log_probs - log_probs.detach())).mean()
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -121,29 +155,39 @@ def one_batch(variant: str, budget: int, rows_per_micro: int) -> dict:
 
 
 def child(args: list[str]) -> dict:
-    """Run one configuration in a fresh process (peak RSS is per process) and return its figures."""
+    """Run one configuration in a fresh process (peak RSS is per process) and return its figures. TRL's
+    configuration gets TRL on its path."""
+    env = dict(os.environ)
+    if "trl" in args:
+        ensure_trl()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRL_ENV), env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True, env=env
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def lengths_table(lengths: list[int], responses: int) -> None:
+    variants = ("before", "after", "trl")
     results = {}
     for length in lengths:
-        for variant in ("before", "after"):
+        for variant in variants:
             results[(variant, length)] = child(["step", variant, str(length), str(responses)])
             print(f"{variant:>6} {length:>5}: {results[(variant, length)]}", flush=True)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n== one update step, {responses} response(s) x length + {PROMPT_TOKENS} prompt tokens, fp32 CPU")
     print(f"   2-layer Qwen2-VL-2B shape, vocabulary 151,936 (load average {load})")
-    print("length | peak RSS before | after | step's own growth before | after | ratio | s before | s after")
+    print(
+        "length | step's own growth GB: before | after | trl | MB per response token: after | trl | "
+        "trl / after | s: before | after | trl"
+    )
     for length in lengths:
-        b, a = results[("before", length)], results[("after", length)]
+        b, a, t = (results[(v, length)] for v in variants)
+        mb_after, mb_trl = (r["step_gb"] * 1024 / (responses * length) for r in (a, t))
         print(
-            f"{length:>6} | {b['peak_gb']:14.2f} | {a['peak_gb']:5.2f} | {b['step_gb']:24.2f} | "
-            f"{a['step_gb']:5.2f} | {b['step_gb'] / max(a['step_gb'], 1e-9):5.1f}x | {b['seconds']:8.1f} | "
-            f"{a['seconds']:7.1f}"
+            f"{length:>6} | {b['step_gb']:28.2f} | {a['step_gb']:5.2f} | {t['step_gb']:4.2f} | "
+            f"{mb_after:28.2f} | {mb_trl:4.2f} | {t['step_gb'] / max(a['step_gb'], 1e-9):10.1f}x | "
+            f"{b['seconds']:9.1f} | {a['seconds']:5.1f} | {t['seconds']:4.1f}"
         )
 
 
