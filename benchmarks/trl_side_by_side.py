@@ -20,7 +20,7 @@ runs one: EmbeddingPolicy's embeddings-only forward (no vocabulary projection; e
 features once for its G rows), the cheapest way to get them with the model TRL trains. TRL runs in its
 vision-language mode at the 2B shape (conversational prompts, the image in its own column, Qwen2-VL's
 processor with the chat template that renders exactly this project's prompt, which the script checks)
-and on transformers' generate: its vLLM modes need a CUDA device (see the README's performance section).
+and on transformers' generate (its vLLM modes were not tried on vLLM's CPU build).
 At the 2B shape TRL accumulates over 8 micro-batches of 8 rows (its full-vocabulary logits of 64 rows
 of 256 tokens would be 10 GB); this project packs micro-batches by its token budget.
 
@@ -28,7 +28,7 @@ TRL is installed by this script into its own directory (`benchmarks/.trl-env`, `
 dependencies: it runs on this project's torch, transformers, accelerate and datasets), which only the
 TRL subprocess puts on its path. Rounds alternate the layouts; figures are medians of the per-step
 times after `--warmup` steps, over all rounds; peak memory is the largest sum of PSS over the whole
-process tree of a run (Ray's processes included), sampled every 0.5 s.
+process tree of a run (Ray's processes included), sampled every 3 s.
 
     PATH=.venv/bin:$PATH .venv/bin/python benchmarks/trl_side_by_side.py [--rounds 3] [--steps 8]
     PATH=.venv/bin:$PATH .venv/bin/python benchmarks/trl_side_by_side.py --shape 2b --rounds 1 --steps 3 \
@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -97,8 +97,10 @@ LAYOUTS = {
 }
 
 
-def side(text: str, images: list[bytes] | None = None) -> dict:
-    return {"text": text, "images": images or [], "video": []}
+def side(text: str, image: bytes | None = None) -> dict:
+    from ume_r1.synthetic.shapes import side_struct
+
+    return side_struct(text, image)
 
 
 def write_pairs(rows: list[dict], path: Path) -> str:
@@ -142,7 +144,7 @@ def make_2b_inputs(root: Path, layers: int, mean_length: int) -> tuple[str, str]
     rng = np.random.default_rng(0)
     rows = [
         {
-            "query": side("Find the caption of this picture.", [render(c, t, rng, size=IMAGE_SIDE)]),
+            "query": side("Find the caption of this picture.", render(c, t, rng, size=IMAGE_SIDE)),
             "positive": side(f"A {c} {t} drawn on a plain background."),
             "negatives": [],
             "task": "retrieval",
@@ -239,8 +241,9 @@ def trainer_module() -> str:
     return "ume_r1.grpo.trainer" if (REPO / "ume_r1" / "grpo" / "trainer.py").is_file() else "ume_r1.trainer"
 
 
-def peak_pss(process: subprocess.Popen) -> int:
-    """Wait for `process`; the largest sum of PSS over it and its descendants, sampled every 0.5 s."""
+def peak_pss(process: subprocess.Popen, every_s: float = 3.0) -> int:
+    """Wait for `process`; the largest sum of PSS over it and its descendants, sampled every `every_s`
+    (reading a large process's page map costs this process a few percent of a core at this rate)."""
     peak, root = 0, psutil.Process(process.pid)
     while process.poll() is None:
         total = 0
@@ -252,7 +255,7 @@ def peak_pss(process: subprocess.Popen) -> int:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 total += member.memory_full_info().pss
         peak = max(peak, total)
-        time.sleep(0.5)
+        time.sleep(every_s)
     return peak
 
 
@@ -308,7 +311,7 @@ TRL_SCRIPT = r"""
 import json, sys, time
 import torch
 from datasets import Dataset
-from transformers import Qwen2VLProcessor, TrainerCallback
+from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from ume_r1.data.collate import pack_sequences, shared_media
@@ -346,9 +349,10 @@ for step in range(steps):  # the same prompts per step as the project plans them
         texts[q], texts[t] = e.query.text, e.positive.text
     for i, p in enumerate(plan.prompts):
         if images:
-            image = p.images[0] if p.images else None
+            # "images", [] for a text prompt: TRL 1.16 fails on a batch mixing image and text rows in its
+            # "image" column (None reaches the processor after generation)
             prompt = [{"role": "user", "content": user_text(texts[i])}]
-            rows.append({"prompt": prompt, "step": step, "slot": i, "image": image})
+            rows.append({"prompt": prompt, "step": step, "slot": i, "images": list(p.images or [])})
         else:
             rows.append({"prompt": tok.decode(p.input_ids), "step": step, "slot": i})
 prompts_per_step = len(plans[0].prompts)
@@ -395,7 +399,12 @@ config = GRPOConfig(
 processing = tok
 if images:
     image_processor = load_image_processor(model_dir, int(max_pixels))
-    processing = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=TEMPLATE)
+    processing = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=TEMPLATE,
+    )
     content = [{"type": "image"}, {"type": "text", "text": user_text(examples[0].query.text)}]
     rendered = processing.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -428,11 +437,14 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["hybrid", "hybrid-2", "standalone", "trl"])
     parser.add_argument("--layers", type=int, default=2, help="2b: decoder layers")
     parser.add_argument("--mean-length", type=int, default=100, help="2b: mean response length drawn")
+    parser.add_argument("--new-tokens", type=int, help="cap on new tokens (default: the shape's)")
     parser.add_argument(
         "--before", metavar="REV", help="also run each of this project's layouts from this git revision"
     )
     args = parser.parse_args()
     shape = SHAPES[args.shape]
+    if args.new_tokens:
+        shape = replace(shape, new_tokens=args.new_tokens)
     ensure_trl()
     if args.before:
         args.layouts += [f"{name}@{args.before}" for name in args.layouts if name != "trl"]
@@ -462,6 +474,7 @@ def main() -> None:
                     stages.setdefault(name, {}).setdefault(stage, []).extend(values[args.warmup :])
                 loads.append(os.getloadavg()[0])
                 print(f"round {r} {name}: {time.perf_counter() - start:.1f} s wall", flush=True)
+                print(f"  {name}: {json.dumps(got)}", flush=True)  # the raw figures, as they come
 
     report(args, shape, results, stages, loads)
 
