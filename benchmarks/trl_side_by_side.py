@@ -349,8 +349,10 @@ for step in range(steps):  # the same prompts per step as the project plans them
         texts[q], texts[t] = e.query.text, e.positive.text
     for i, p in enumerate(plan.prompts):
         if images:
-            # "images", [] for a text prompt: TRL 1.16 fails on a batch mixing image and text rows in its
-            # "image" column (None reaches the processor after generation)
+            # Known to fail: TRL 1.16 re-processes a batch mixing image and text rows with None for the
+            # text rows' images (its `image` column, and this `images` column with [] alike), and
+            # transformers' fetch_images refuses None. UME-R1's layout (image queries, text targets)
+            # needs that mix; the 2B comparison waits on a way round it.
             prompt = [{"role": "user", "content": user_text(texts[i])}]
             rows.append({"prompt": prompt, "step": step, "slot": i, "images": list(p.images or [])})
         else:
