@@ -260,10 +260,6 @@ class GRPOTrainer:
             data.meta_info["seed"] = step
             self.forward(data, sampled)
         update_metrics = {}
-        if "old_log_probs" in data.batch:
-            update_metrics = rollout_probs_diff(
-                sampled.logprobs, data.batch["old_log_probs"], data.batch["response_mask"]
-            )
         with _timer(timing, "reward"):
             texts = self.tokenizer.batch_decode([r for group in sampled.responses for r in group])
             batch = RewardBatch(
@@ -297,14 +293,13 @@ class GRPOTrainer:
                 update_metrics.update({k: float(np.mean(v)) for k, v in per_rank.items()})  # per-rank lists
             if self.on_policy:  # the update's forward gave the old log-probs (the weights before it)
                 data.union(update[: len(data)])
-                update_metrics.update(
-                    rollout_probs_diff(
-                        sampled.logprobs, data.batch["old_log_probs"], data.batch["response_mask"]
-                    )
-                )
             with _timer(timing, "sync"):
                 if self.needs_sync(update.meta_info["weights_changed"]):
                     update_metrics.update(self.sync_weights())
+        if "old_log_probs" in data.batch:  # from the forward before the update, or from the update
+            update_metrics.update(
+                rollout_probs_diff(sampled.logprobs, data.batch["old_log_probs"], data.batch["response_mask"])
+            )
         timing["step"] = time.perf_counter() - start
         kl_type = cfg.actor.kl_loss_type if cfg.actor.use_kl_loss else None
         metrics = step_metrics(plan, data, prompt_index, scores, update_metrics, timing, kl_type)
