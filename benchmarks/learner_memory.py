@@ -6,9 +6,9 @@ Each configuration runs in a fresh process (peak RSS is per process), alternatel
   the vocabulary, gather), no gradient checkpointing;
 - `after`: `ume_r1.model.policy.token_log_probs` (1024-token chunks, each checkpointed) and gradient
   checkpointing of the decoder layers;
-- `trl`: TRL's training forward and loss on the same batch (its own code, from `benchmarks/.trl-env`,
-  see trl_side_by_side.py): the model's logits at the response positions only (`logits_to_keep`),
-  TRL's `selective_log_softmax` and `entropy_from_logits`, with gradient checkpointing (TRL's default).
+- `trl`: TRL 1.16's training forward and loss on the same batch (its own code, from `benchmarks/.trl-env`,
+  see trl_side_by_side.py): its fused LM head (log-probs and entropy in vocabulary tiles) at the response
+  positions only, with gradient checkpointing (TRL's default).
 One step = forward of the learner's policy (hidden states, response log-probs, embeddings; TRL: log-probs
 and entropy), a token-mean loss, backward. The table gives the step's own growth per response token.
 
@@ -73,26 +73,28 @@ def one_step(variant: str, length: int, responses: int) -> dict:
 
 
 def trl_step(model, vocab: int, length: int, responses: int) -> dict:
-    """TRL's GRPO training forward and loss (its `_get_per_token_logps_and_entropies` and token-mean
-    loss, on-policy: ratio 1) on the batch `one_step` builds."""
+    """TRL 1.16's GRPO training forward and loss on the batch `one_step` builds: its fused LM head
+    (`add_fused_lm_head`, log-probs and entropy in vocabulary tiles, never the full logits), scoring the
+    response positions only as it does on a GPU (on a CPU it would score every position; see
+    trl_side_by_side.py), gradient checkpointing (TRL's default), the token-mean loss, on-policy (ratio 1)."""
     import torch
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    import trl.trainer.utils as trl_utils
 
+    trl_utils._use_triton = lambda device: True  # only the choice of positions; the kernels stay torch's
     model.gradient_checkpointing_enable()
     model.config.use_cache = False
     model.train()
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
     prompt = torch.randint(0, vocab, (responses, PROMPT_TOKENS))
     response = torch.randint(0, vocab, (responses, length))
     input_ids = torch.cat([prompt, response], dim=1)
+    labels = input_ids.clone()
+    labels[:, :PROMPT_TOKENS] = -100
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    logits = model(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), logits_to_keep=length + 1
-    ).logits
-    logits = logits[:, :-1, :]
-    log_probs = selective_log_softmax(logits, response)
-    with torch.no_grad():
-        entropy_from_logits(logits)
+    mask = torch.ones_like(input_ids)
+    out = model(input_ids=input_ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    log_probs = out.log_probs[:, -length:]
     loss = -(log_probs * torch.exp(log_probs - log_probs.detach())).mean()
     loss.backward()
     seconds = time.perf_counter() - start

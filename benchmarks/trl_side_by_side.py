@@ -4,7 +4,8 @@
   pair's query and target, as UME-R1 samples both), at most 48 new tokens, lr 1e-4. With a random model
   both loops generate (nearly) the full length.
 - `--shape 2b`: the Qwen2-VL-2B shape (`ume_r1.model.qwen2_vl`: the real tokenizer, the tied 151,936-row
-  table, 1536 hidden, the real vision width; `--layers` decoder layers, one vision block), one 336 x 336
+  table, 1536 hidden, the real vision width; `--layers` decoder layers and as many vision blocks, near
+  the published 28 : 32, unless `--vision-layers`), one 336 x 336
   image per query (576 patches before merging, 144 tokens after), text targets, G=8, 4 pairs per step,
   at most 256 new tokens, lr 1e-6. Ragged lengths: the `<gen_emb>` row of the random model is set along
   the mean direction of its last-layer states, scaled so that a random response stops after about
@@ -20,9 +21,11 @@ runs one: EmbeddingPolicy's embeddings-only forward (no vocabulary projection; e
 features once for its G rows), the cheapest way to get them with the model TRL trains. TRL runs in its
 vision-language mode at the 2B shape (conversational prompts, the image in its own column, Qwen2-VL's
 processor with the chat template that renders exactly this project's prompt, which the script checks)
-and on transformers' generate (its vLLM modes were not tried on vLLM's CPU build).
-At the 2B shape TRL accumulates over 8 micro-batches of 8 rows (its full-vocabulary logits of 64 rows
-of 256 tokens would be 10 GB); this project packs micro-batches by its token budget.
+and on transformers' generate (its vLLM modes were not tried on vLLM's CPU build). TRL 1.16 cannot run
+UME-R1's batches as shipped (image queries and text targets in one step): two shims in its process,
+`FlatImages` and `no_empty_images`, give its processor and model the inputs they accept, and nothing
+else. Its fused LM head scores only the response positions, as it does on a GPU (on a CPU it would
+score the prompts' too). At the 2B shape both accumulate over micro-batches of 8 rows.
 
 TRL is installed by this script into its own directory (`benchmarks/.trl-env`, `pip --target`, no
 dependencies: it runs on this project's torch, transformers, accelerate and datasets), which only the
@@ -82,6 +85,7 @@ SHAPES = {
             "data.max_prompt_length=1024",
             f"data.max_pixels={IMAGE_SIDE * IMAGE_SIDE}",
             "rollout.micro_batch_size=8",
+            "actor.micro_batch_size_per_gpu=8",  # rows per forward / backward, as TRL's micro-batches
             "rollout.cpu_kvcache_space_gb=4",
             "trainer.reasoning_sensitivity_freq=0",
         ),
@@ -131,7 +135,7 @@ def make_tiny_inputs(root: Path) -> tuple[str, str]:
     return model, write_pairs(rows, root / "pairs.parquet")
 
 
-def make_2b_inputs(root: Path, layers: int, mean_length: int) -> tuple[str, str]:
+def make_2b_inputs(root: Path, layers: int, vision_layers: int, mean_length: int) -> tuple[str, str]:
     """The 2B-shaped model with UME tokens and a calibrated stop row, and image -> text pairs."""
     import numpy as np
 
@@ -153,7 +157,7 @@ def make_2b_inputs(root: Path, layers: int, mean_length: int) -> tuple[str, str]
         for t in THINGS
     ]
     data = write_pairs(rows, root / "pairs.parquet")
-    stock = build_qwen2_vl(root / "stock", layers=layers, vision_depth=1)
+    stock = build_qwen2_vl(root / "stock", layers=layers, vision_depth=vision_layers)
     model, tokenizer = load_model(stock)  # fp32; the UME tokens take spare rows of the table
     processor = UMEProcessor(tokenizer, load_image_processor(stock, IMAGE_SIDE * IMAGE_SIDE))
     examples, _ = load_examples(data)
@@ -311,7 +315,8 @@ TRL_SCRIPT = r"""
 import json, sys, time
 import torch
 from datasets import Dataset
-from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor, TrainerCallback
+from transformers import Qwen2VLModel, Qwen2VLProcessor, Qwen2VLVideoProcessor, TrainerCallback
+import trl.trainer.utils as trl_utils
 from trl import GRPOConfig, GRPOTrainer
 
 from ume_r1.data.collate import pack_sequences, shared_media
@@ -349,10 +354,7 @@ for step in range(steps):  # the same prompts per step as the project plans them
         texts[q], texts[t] = e.query.text, e.positive.text
     for i, p in enumerate(plan.prompts):
         if images:
-            # Known to fail: TRL 1.16 re-processes a batch mixing image and text rows with None for the
-            # text rows' images (its `image` column, and this `images` column with [] alike), and
-            # transformers' fetch_images refuses None. UME-R1's layout (image queries, text targets)
-            # needs that mix; the 2B comparison waits on a way round it.
+            # an "images" list per prompt, [] for a text prompt (see FlatImages)
             prompt = [{"role": "user", "content": user_text(texts[i])}]
             rows.append({"prompt": prompt, "step": step, "slot": i, "images": list(p.images or [])})
         else:
@@ -398,10 +400,40 @@ config = GRPOConfig(
     # TRL's defaults differ here: fp32 and no gradient checkpointing, as this project on CPU
     bf16=False, gradient_checkpointing=False,
 )
+
+
+class FlatImages(Qwen2VLProcessor):
+    # TRL 1.16 re-processes a step's prompts for its forwards with one image list per prompt, None for
+    # a text prompt, which transformers' processor refuses (fetch_images). A Qwen2-VL processor takes a
+    # batch's images as one list in prompt order, which is what this gives it; nothing else changes.
+    # UME-R1's layout (image queries, text targets) mixes the two in every step.
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if isinstance(images, list):
+            images = [im for row in images if row for im in (row if isinstance(row, list) else [row])] or None
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+def no_empty_images(forward):
+    # TRL 1.16 then scores micro-batches with their slice of the pixels, an empty one for a micro-batch of
+    # text prompts, on which Qwen2-VL's vision tower fails (torch.cat of nothing): none is what it means.
+    # On the class: TRL builds its reference model itself.
+    def call(self, *args, pixel_values=None, image_grid_thw=None, **kwargs):
+        if pixel_values is not None and pixel_values.numel() == 0:
+            pixel_values = image_grid_thw = None
+        return forward(self, *args, pixel_values=pixel_values, image_grid_thw=image_grid_thw, **kwargs)
+    return call
+
+
+# TRL's fused head scores only the response positions on a Triton device; elsewhere every position, the
+# prompt's too, which on this CPU would cost it the full-vocabulary logits of every prompt token. It gets
+# its GPU behaviour here (only that choice: its kernels stay the torch ones).
+trl_utils._use_triton = lambda device: True
 processing = tok
 if images:
+    Qwen2VLModel.forward = no_empty_images(Qwen2VLModel.forward)
     image_processor = load_image_processor(model_dir, int(max_pixels))
-    processing = Qwen2VLProcessor(
+    processing = FlatImages(
         image_processor=image_processor,
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(),
@@ -438,6 +470,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out")
     parser.add_argument("--layouts", nargs="+", default=["hybrid", "hybrid-2", "standalone", "trl"])
     parser.add_argument("--layers", type=int, default=2, help="2b: decoder layers")
+    parser.add_argument(
+        "--vision-layers",
+        type=int,
+        help="2b: vision blocks (default: as many as decoder layers, near the published 32 : 28)",
+    )
     parser.add_argument("--mean-length", type=int, default=100, help="2b: mean response length drawn")
     parser.add_argument("--new-tokens", type=int, help="cap on new tokens (default: the shape's)")
     parser.add_argument(
@@ -458,7 +495,8 @@ def main() -> None:
         if args.shape == "tiny":
             model, data = make_tiny_inputs(Path(tmp))
         else:
-            model, data = make_2b_inputs(Path(tmp), args.layers, args.mean_length)
+            vision = args.vision_layers or args.layers
+            model, data = make_2b_inputs(Path(tmp), args.layers, vision, args.mean_length)
         for r in range(args.rounds):
             for name in args.layouts:
                 out = Path(tmp) / f"{name}-{r}"
