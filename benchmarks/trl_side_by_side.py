@@ -247,19 +247,24 @@ def trainer_module() -> str:
 
 def peak_pss(process: subprocess.Popen, every_s: float = 3.0) -> int:
     """Wait for `process`; the largest sum of PSS over it and its descendants, sampled every `every_s`
-    (reading a large process's page map costs this process a few percent of a core at this rate)."""
-    peak, root = 0, psutil.Process(process.pid)
+    (reading a large process's page map costs this process a few percent of a core at this rate).
+    Prints the largest processes at that peak."""
+    peak, at_peak, root = 0, [], psutil.Process(process.pid)
     while process.poll() is None:
-        total = 0
+        members = []
         try:
             tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             break
         for member in tree:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                total += member.memory_full_info().pss
-        peak = max(peak, total)
+                members.append((member.memory_full_info().pss, member.name()))
+        total = sum(pss for pss, _ in members)
+        if total > peak:
+            peak, at_peak = total, sorted(members, reverse=True)[:4]
         time.sleep(every_s)
+    largest = ", ".join(f"{name} {pss / 1e9:.2f}" for pss, name in at_peak)
+    print(f"  peak PSS {peak / 1e9:.2f} GB, largest processes (GB): {largest}", flush=True)
     return peak
 
 

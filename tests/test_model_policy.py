@@ -153,6 +153,8 @@ def test_policy_log_probs_match_full_model(policy_model) -> None:
             ref_ent[i, t] = -(row.exp() * row).sum()
     torch.testing.assert_close(out["log_probs"][mask], ref_lp[mask], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["entropy"][mask], ref_ent[mask], rtol=1e-4, atol=1e-5)
+    # padding never goes through the vocabulary: zero there
+    assert not out["log_probs"][~mask].any() and not out["entropy"][~mask].any()
 
     # Padding does not leak: each row alone (no padding at all) gives the same values.
     for i, (prompt, resp) in enumerate(zip(prompts, responses, strict=True)):

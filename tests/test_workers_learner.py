@@ -110,6 +110,9 @@ def test_chunked_log_probs_and_entropy_equal_the_plain_formula(chunk_tokens):
     with torch.no_grad():
         no_entropy = token_log_probs(hidden, weight, targets, 0.7, chunk_tokens)
     assert no_entropy[1] is None and torch.equal(no_entropy[0], got.detach())
+    # no positions at all (a micro-batch of padding rows): empty, still attached to the weights
+    none, _ = token_log_probs(hidden[:, :0], weight, targets[:, :0], 0.7, chunk_tokens)
+    assert none.shape == (3, 0) and none.requires_grad
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthetic_dir):

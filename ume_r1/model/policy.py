@@ -66,14 +66,19 @@ def token_log_probs(
     """log softmax(hidden @ weight.T / temperature)[target] per position, and (without gradient) the
     entropy of that distribution from the same logits, `chunk_tokens` positions at a time: the fp32
     logits of a whole micro-batch (tokens x vocabulary: 4k x 151,936 is 2.5 GB) never exist at once.
-    Under autograd each chunk is checkpointed, so its logits are recomputed in backward instead of kept."""
+    Under autograd every chunk but the last is checkpointed, so its logits are recomputed in backward
+    instead of kept. The last chunk's are kept: backward starts with them, so recomputing them would
+    only repeat its matmul (with one chunk, a quarter of the vocabulary's work in an update) at the same
+    peak."""
     shape = targets.shape
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    total = flat_targets.numel()
     log_probs, entropies = [], []
-    for start in range(0, flat_targets.numel(), chunk_tokens):
+    for start in range(0, max(total, 1), chunk_tokens):  # no positions: one empty chunk, still a graph
         h, t = flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens]
         args = (h, weight, t, temperature, with_entropy)
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        last = start + chunk_tokens >= total
+        if not last and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             chunk, entropy = checkpoint(_chunk_log_probs, *args, use_reentrant=False)
         else:
             chunk, entropy = _chunk_log_probs(*args)
@@ -131,18 +136,22 @@ class EmbeddingPolicy(nn.Module):
         width = responses.shape[1]
         hidden = out.last_hidden_state[:, -width:]
         result = {}
-        if with_log_probs:  # token t of the response is predicted by the state one step earlier
+        if with_log_probs:
+            # token t of the response is predicted by the state one step earlier; only real response
+            # tokens go through the vocabulary (padding is zero), so ragged rows cost their own length
+            scored = response_mask.bool()
             log_probs, entropy = token_log_probs(
-                out.last_hidden_state[:, -width - 1 : -1],
+                out.last_hidden_state[:, -width - 1 : -1][scored],
                 self.model.lm_head.weight,
-                responses,
+                responses[scored],
                 temperature,
                 self.logit_chunk_tokens,
                 with_entropy,
             )
-            result["log_probs"] = log_probs.clone()  # clone: FSDP2 warns about returning views from the root
+            padded = torch.zeros(responses.shape, dtype=log_probs.dtype, device=log_probs.device)
+            result["log_probs"] = padded.masked_scatter(scored, log_probs)
             if with_entropy:
-                result["entropy"] = entropy
+                result["entropy"] = padded.masked_scatter(scored, entropy)
             if self.training and not self._has_pixels(media, shared):
                 result["log_probs"] = result["log_probs"] + self._touch_vision_tower()
         index, has = gen_emb_positions(responses, response_mask, self.gen_emb_id)
