@@ -113,9 +113,9 @@ class LearnerWorker(ConfiguredWorker):
             with_entropy=with_entropy,
             with_log_probs=with_log_probs,
         )
-        for key in ("log_probs", "entropy"):  # zero past each response, whatever the micro-batching
+        for key in ("log_probs", "entropy"):  # the policy zeroes padding; this widens to the batch's width
             if key in out:
-                out[key] = pad_columns(out[key] * batch["response_mask"], width)
+                out[key] = pad_columns(out[key], width)
         return out
 
     def _micro_batching(self, forward: str) -> tuple[int, int | None]:
