@@ -313,6 +313,10 @@ def run_ours(model: str, data: str, steps: int, layout: str, shape: Shape, out: 
         "generate_s": [r["timing_s/generate"] for r in rows],
         "stages": {s: [r.get(f"timing_s/{s}", 0.0) for r in rows] for s in stages},
         "peak": peak,
+        "learner_peaks": {  # the learner process's own high-water mark in each stage, over the steps
+            k.removeprefix("perf/peak_memory_gb/"): max(r[k] for r in rows if k in r)
+            for k in sorted({k for r in rows for k in r if k.startswith("perf/peak_memory_gb/")})
+        },
     }
 
 
@@ -495,6 +499,7 @@ def main() -> None:
     keys = ("step_s", "length", "generate_s", "peak")
     results: dict[str, dict[str, list]] = {name: {k: [] for k in keys} for name in args.layouts}
     stages: dict[str, dict[str, list]] = {}
+    learner_peaks: dict[str, dict[str, list]] = {}
     loads = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "tiny":
@@ -515,16 +520,18 @@ def main() -> None:
                 for key in ("step_s", "length", "generate_s"):
                     results[name][key] += got.get(key, [])[args.warmup :]
                 results[name]["peak"].append(got["peak"])
+                for stage, gb in got.get("learner_peaks", {}).items():
+                    learner_peaks.setdefault(name, {}).setdefault(stage, []).append(gb)
                 for stage, values in got.get("stages", {}).items():
                     stages.setdefault(name, {}).setdefault(stage, []).extend(values[args.warmup :])
                 loads.append(os.getloadavg()[0])
                 print(f"round {r} {name}: {time.perf_counter() - start:.1f} s wall", flush=True)
                 print(f"  {name}: {json.dumps(got)}", flush=True)  # the raw figures, as they come
 
-    report(args, shape, results, stages, loads)
+    report(args, shape, results, stages, learner_peaks, loads)
 
 
-def report(args, shape: Shape, results: dict, stages: dict, loads: list[float]) -> None:
+def report(args, shape: Shape, results: dict, stages: dict, learner_peaks: dict, loads: list[float]) -> None:
     rows = shape.pairs * 2 * shape.g
     print(
         f"\n--shape {args.shape}: {shape.pairs} pairs/step ({2 * shape.pairs} prompts), G={shape.g}, "
@@ -555,6 +562,9 @@ def report(args, shape: Shape, results: dict, stages: dict, loads: list[float]) 
         total = median(results[name]["step_s"])
         parts = ", ".join(f"{s} {median(v):.2f} s ({median(v) / total:.0%})" for s, v in split.items())
         print(f"{name} stages (medians): {parts}")
+    for name, split in learner_peaks.items():
+        parts = ", ".join(f"{s} {max(v):.2f}" for s, v in split.items())
+        print(f"{name} learner process, peak resident GB per stage (max over rounds): {parts}")
 
 
 if __name__ == "__main__":

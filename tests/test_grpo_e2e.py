@@ -85,6 +85,11 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
             "training/rollout_probs_diff_max"
         ]
         assert 0 <= row["reward/zero_variance_groups"] <= 1
+        # every learner stage of the step reports its peak memory; generation only where it ran there
+        stages = {"forward", "update"} | ({"generate"} if trainer.hybrid else set())
+        stages |= {"probe"} if row["step"] == 2 else set()
+        peaks = {k.removeprefix("perf/peak_memory_gb/") for k in row if k.startswith("perf/peak_memory_gb/")}
+        assert peaks == stages and all(0 < row[f"perf/peak_memory_gb/{s}"] < 64 for s in peaks), row
         assert (0 <= row["filter/kept_rows"] <= 1) if FILTERED in layout else "filter/kept_rows" not in row
     # the probe ran at step 2 only (nan when no response of the random model has a <think> block)
     assert "embedding/reasoning_sensitivity" not in rows[0]

@@ -59,7 +59,8 @@ class ActorRolloutRefWorker(LearnerWorker):
         self.policy.eval()
         if self.config.rollout.name != "hf" and self.engine.weights_discarded:
             self._sync()  # a step without an update: the engine slept through it with no weights
-        return timed_generate(self.engine, prompts, self.config.rollout.n, seed + 1000 * self.rank)
+        with self.peaks.stage("generate"):
+            return timed_generate(self.engine, prompts, self.config.rollout.n, seed + 1000 * self.rank)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def sync_rollout(self) -> dict[str, float]:

@@ -36,6 +36,7 @@ from ume_r1.training.fsdp import (
     save_hf_checkpoint,
     shard_from_rank0,
 )
+from ume_r1.training.memory import StagePeaks
 from ume_r1.training.micro_batches import pack_rows, pad_columns, plan_micro_batches, row_lengths
 from workers.base import ConfiguredWorker
 
@@ -59,6 +60,7 @@ class LearnerWorker(ConfiguredWorker):
     def init_model(self, model_path: str) -> None:
         cfg = self.config
         self.device = resolve_device(cfg.device)
+        self.peaks = StagePeaks(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes exactly this worker's GPU
         init_distributed(self.device)
@@ -173,7 +175,12 @@ class LearnerWorker(ConfiguredWorker):
     def compute_forwards(self, data: DataProto) -> DataProto:
         """The step's forwards before the update, in one call. `meta_info["policy"]`: "log_probs" (old
         log-probs, entropy and generative embeddings, one forward), "embeddings" (those alone, without
-        the vocabulary projection) or None; `meta_info["ref"]`: the reference's log-probs too."""
+        the vocabulary projection) or None; `meta_info["ref"]`: the reference's log-probs too. Its peak
+        memory is recorded as `meta_info["stage"]` ("forward" unless said)."""
+        with self.peaks.stage(data.meta_info.get("stage", "forward")):
+            return self._compute_forwards(data)
+
+    def _compute_forwards(self, data: DataProto) -> DataProto:
         tensors = {}
         policy = data.meta_info.get("policy")
         if policy is not None:
@@ -217,6 +224,14 @@ class LearnerWorker(ConfiguredWorker):
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
     def update_actor(self, data: DataProto) -> DataProto:
+        """The update (`_update`); its metrics carry this rank's peak memory of each stage since the last
+        update (`perf/peak_memory_gb/*`: generate, forward, probe, update)."""
+        with self.peaks.stage("update"):
+            result = self._update(data)
+        result.meta_info["metrics"].update(self.peaks.take())
+        return result
+
+    def _update(self, data: DataProto) -> DataProto:
         """PPO epochs over mini-batches; gradients accumulate over micro-batches. The logged losses are
         the true means over each mini-batch: every micro-batch's loss is its share of the global mean
         (verl's `global_batch_info`), so the shares are summed here and averaged over ranks by the

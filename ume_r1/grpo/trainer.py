@@ -290,7 +290,8 @@ class GRPOTrainer:
             with _timer(timing, "update"):
                 update = self.learners.update_actor(pad_for_ranks(kept, cfg.learner.num_workers))
                 per_rank = update.meta_info["metrics"]
-                update_metrics.update({k: float(np.mean(v)) for k, v in per_rank.items()})  # per-rank lists
+                for key, values in per_rank.items():  # per-rank lists; peak memory: the largest rank's
+                    update_metrics[key] = float((np.max if key.startswith("perf/peak") else np.mean)(values))
             if self.on_policy:  # the update's forward gave the old log-probs (the weights before it)
                 data.union(update[: len(data)])
             with _timer(timing, "sync"):
@@ -336,7 +337,7 @@ class GRPOTrainer:
         grouped, swapped = swapped_responses(plan, responses, texts, self.tokenizer)
         probe, _ = build_sequences(plan.prompts, grouped)
         share_prompts(probe, shared)
-        probe.meta_info.update(seed=step, policy="embeddings", ref=False)
+        probe.meta_info.update(seed=step, policy="embeddings", ref=False, stage="probe")
         padded = pad_for_ranks(probe, self.cfg.learner.num_workers)
         out = self.learners.compute_forwards(padded)[: len(probe)]
         valid = swapped & data.batch["has_gen_emb"].bool() & out.batch["has_gen_emb"].bool()
