@@ -19,6 +19,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
+from torch.distributed.tensor import DTensor
 from verl import DataProto
 
 from sft.train import train
@@ -125,10 +126,22 @@ def single_rank(monkeypatch):
         dist.destroy_process_group()
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+# the learner fixture's variants (overrides of make_learner)
+PLAIN_CPU = pytest.param([], id="cpu")
+FSDP2_CPU = pytest.param(["actor.strategy=fsdp2"], id="cpu-fsdp2")
+CUDA = pytest.param(["trainer.device=cuda"], id="cuda", marks=pytest.mark.gpu)
+
+
+@pytest.fixture(params=[PLAIN_CPU, FSDP2_CPU, CUDA])
 def learner(request, tiny_model_dir, single_rank):
-    """A learner worker in this process: one gloo (or nccl) rank, no Ray, the tiny profile."""
-    return make_learner(tiny_model_dir)
+    """A learner worker in this process: one gloo (or nccl) rank, no Ray, the tiny profile. On CPU the
+    plain module (`actor.strategy=auto`) and FSDP2."""
+    return make_learner(tiny_model_dir, request.param)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor), or the tensor itself (a plain module's)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ def test_hybrid_generation_runs_without_fsdp_hooks(tiny_model_dir, synthetic_dir
 
     from ume_r1.training.fsdp import gathered
 
-    learner = make_learner(tiny_model_dir)
+    learner = make_learner(tiny_model_dir, ["actor.strategy=fsdp2"])  # (auto: one fp32 rank is plain)
     processor = UMEProcessor.from_pretrained(tiny_model_dir)
     examples, _ = load_examples(synthetic_dir["train"])
     prompts = [processor.encode(side) for ex in examples[:2] for side in (ex.query, ex.positive)]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import run_sft
+from conftest import full, run_sft
 from torch.distributed.device_mesh import init_device_mesh
 
 from sft.losses import cross_mode_nce, info_nce, token_nll
@@ -81,7 +81,7 @@ def grads_of(policy) -> dict[str, torch.Tensor]:
     for name, p in policy.named_parameters():
         if p.grad is not None:
             g = p.grad
-            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+            out[name] = full(g).detach().clone()
     return out
 
 

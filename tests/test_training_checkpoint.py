@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import scored
+from conftest import CUDA, PLAIN_CPU, scored
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -128,6 +128,8 @@ def _rank_save(rank: int, port: int, model_dir: str, data, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+# two FSDP2 ranks against one: the plain module on CPU (FSDP2 on one rank is the other tests')
+@pytest.mark.parametrize("learner", [PLAIN_CPU, CUDA], indirect=True)
 def test_two_rank_checkpoint_resumes_on_one_rank(learner, tiny_model_dir, mixed_batch, tmp_path):
     _, data = mixed_batch
     scored(learner, data, torch.linspace(-1.0, 1.5, len(data)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import full
+from torch.distributed.fsdp import FSDPModule
 
 from ume_r1.data.collate import media_inputs, shared_media
 from ume_r1.data.processor import EncodedPrompt
@@ -98,9 +100,14 @@ def test_trimmed_micro_batches_equal_the_padded_forward(learner, tiny_model_dir,
     assert torch.equal(got["has_gen_emb"], want["has_gen_emb"])
 
 
+def reshard(learner) -> None:
+    if isinstance(learner.policy, FSDPModule):
+        learner.policy.reshard()
+
+
 def learner_gradients(learner) -> dict[str, torch.Tensor]:
     params = learner.policy.named_parameters()
-    return {n: p.grad.full_tensor().clone() for n, p in params if p.grad is not None}
+    return {n: full(p.grad).clone() for n, p in params if p.grad is not None}
 
 
 def test_micro_batching_gives_the_same_gradients(learner, mixed_batch):
@@ -114,13 +121,13 @@ def test_micro_batching_gives_the_same_gradients(learner, mixed_batch):
     data.meta_info["seed"] = 0
     actor = learner.config.actor
     actor.grad_clip = 1e9
-    learner.policy.reshard()  # every parameter a DTensor shard, in snapshot and restore alike
+    reshard(learner)  # FSDP2: every parameter a DTensor shard, in snapshot and restore alike
     start = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
     grads, losses = [], []
     for rows, dynamic in ((64, False), (1, False), (64, True)):
         actor.micro_batch_size_per_gpu, actor.use_dynamic_bsz = rows, dynamic
         actor.ppo_max_token_len_per_gpu = 120
-        learner.policy.reshard()
+        reshard(learner)
         with torch.no_grad():
             for n, p in learner.policy.named_parameters():
                 p.copy_(start[n])

@@ -195,7 +195,7 @@ def test_on_policy_update_equals_the_one_after_a_separate_forward(tiny_model_dir
     entropy it returns equal that forward's, and the updated weights equal its update's (the two
     forwards pack micro-batches differently: fp32 rounding only). The embeddings-only forward gives the
     embeddings of the full one."""
-    from conftest import make_learner, scored
+    from conftest import full, make_learner, scored
 
     _, data = mixed_batch
     separate, on_policy = make_learner(tiny_model_dir), make_learner(tiny_model_dir)
@@ -218,7 +218,7 @@ def test_on_policy_update_equals_the_one_after_a_separate_forward(tiny_model_dir
         assert not got[~mask].any()
     assert out.meta_info["weights_changed"]
     for (name, a), b in zip(separate.policy.named_parameters(), on_policy.policy.parameters(), strict=True):
-        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(full(a), full(b), rtol=0, atol=1e-6, msg=name)
 
     on_policy.config.actor.ppo_epochs = 2  # a second epoch is off-policy: it needs the recorded ones
     with pytest.raises(ValueError, match="ppo_epochs=2"):

@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import scored
+from conftest import CUDA, PLAIN_CPU, full, scored
 
 from ume_r1.data.collate import media_inputs
 from ume_r1.grpo.learner_batch import pad_for_ranks
@@ -55,7 +55,7 @@ def test_kl_loss_and_its_gradient_match_the_formula(learner, tiny_model_dir, mix
     data.batch["ref_log_prob"] = data.batch["ref_log_prob"] + offsets * mask
     metrics = learner.update_actor(data).meta_info["metrics"]
     params = learner.policy.named_parameters()
-    got = {n: p.grad.full_tensor() for n, p in params if p.grad is not None}
+    got = {n: full(p.grad) for n, p in params if p.grad is not None}
 
     # Reference: the plain model, and low_var_kl written out (Schulman's k3 estimator).
     model, _ = load_model(tiny_model_dir)
@@ -86,13 +86,15 @@ def _rank_update(rank: int, port: int, model_dir: str, data, out_file: str) -> N
     learner = make_learner(model_dir, ["actor.grad_clip=1e9"])
     metrics = learner.update_actor(data.chunk(2)[rank]).meta_info["metrics"]
     params = learner.policy.named_parameters()
-    grads = {n: p.grad.full_tensor() for n, p in params if p.grad is not None}
+    grads = {n: full(p.grad) for n, p in params if p.grad is not None}
     if rank == 0:
         torch.save({"grads": grads}, out_file)
     torch.save({"metrics": metrics}, f"{out_file}.{rank}")
     torch.distributed.destroy_process_group()
 
 
+# two FSDP2 ranks against one: the plain module on CPU (FSDP2 on one rank is the other tests')
+@pytest.mark.parametrize("learner", [PLAIN_CPU, CUDA], indirect=True)
 def test_two_learner_ranks_equal_one(learner, tiny_model_dir, mixed_batch, tmp_path):
     """Same rows, same weights: two data-parallel ranks log the same losses and apply the same
     gradient as one (global token-mean, micro-batches and padding rows notwithstanding)."""
@@ -103,7 +105,7 @@ def test_two_learner_ranks_equal_one(learner, tiny_model_dir, mixed_batch, tmp_p
     assert len(padded) == 8
     one = learner.update_actor(data).meta_info["metrics"]
     params = learner.policy.named_parameters()
-    want = {n: p.grad.full_tensor() for n, p in params if p.grad is not None}
+    want = {n: full(p.grad) for n, p in params if p.grad is not None}
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@
 actor, the frozen reference and a rollout engine, so weights never leave the process.
 
 - `hf`: generation runs on the actor's own module, its FSDP units unsharded for the duration (no
-  copy, no sync at all).
+  copy, no sync at all; one fp32 rank holds the plain module, see `ume_r1.training.fsdp.place`).
 - `vllm`: an in-process engine per rank; after each update the actor's weights go in by layer-aligned
   buckets in the engine's dtype (bf16 on GPU), trainable parameters only, and on GPU the engine's
   KV cache is freed while the learner trains (`rollout.free_cache_engine`, vLLM's sleep mode).
@@ -16,6 +16,7 @@ import time
 from functools import partial
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from verl.single_controller.base.decorator import Dispatch, register
 
 from ume_r1.data.processor import EncodedPrompt
@@ -34,7 +35,8 @@ class ActorRolloutRefWorker(LearnerWorker):
         super().init_model(model_path)
         rollout = self.config.rollout
         if rollout.name == "hf":
-            self._first_forward()
+            if isinstance(self.policy, FSDPModule):
+                self._first_forward()
             self.engine = HFRollout(
                 self.policy.model, self.tokenizer, rollout, self.device, partial(gathered, self.policy)
             )

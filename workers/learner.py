@@ -33,8 +33,8 @@ from ume_r1.training.fsdp import (
     full_state_dict,
     init_distributed,
     iter_full_parameters,
+    place,
     save_hf_checkpoint,
-    shard_from_rank0,
 )
 from ume_r1.training.memory import StagePeaks
 from ume_r1.training.micro_batches import pack_rows, pad_columns, plan_micro_batches, row_lengths
@@ -69,16 +69,15 @@ class LearnerWorker(ConfiguredWorker):
         self.model_path = model_path
 
         # Only rank 0 reads the checkpoint; the others get their shards from it. Master weights stay
-        # fp32; FSDP casts to param_dtype for compute.
+        # fp32; FSDP casts to param_dtype for compute. One fp32 rank holds plain modules (`place`).
         rank0 = dist.get_rank() == 0
         model, self.tokenizer = load_model(model_path, "cpu", torch.float32, weights=rank0)
         enable_gradient_checkpointing(model, cfg.actor.gradient_checkpointing, self.device)
         if cfg.freeze_vision_tower:
             model.model.visual.requires_grad_(False)
         self.gen_emb_id = self.tokenizer.convert_tokens_to_ids(GEN_EMB)
-        self.policy = shard_from_rank0(
-            EmbeddingPolicy(model, self.gen_emb_id), mesh, param_dtype, self.device
-        )
+        strategy = cfg.actor.strategy
+        self.policy = place(EmbeddingPolicy(model, self.gen_emb_id), mesh, param_dtype, self.device, strategy)
         optim = cfg.actor.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
@@ -97,7 +96,7 @@ class LearnerWorker(ConfiguredWorker):
             ref_model.requires_grad_(False)
             offload = bool(cfg.ref.fsdp_config.param_offload) and self.device.type == "cuda"
             ref = EmbeddingPolicy(ref_model, self.gen_emb_id)
-            self.ref = shard_from_rank0(ref, mesh, param_dtype, self.device, offload).eval()
+            self.ref = place(ref, mesh, param_dtype, self.device, cfg.ref.strategy, offload).eval()
 
     def _forward(
         self, module, data: DataProto, prompts, with_entropy: bool, with_log_probs: bool = True

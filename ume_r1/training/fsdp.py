@@ -75,6 +75,33 @@ def shard_from_rank0(
     return policy
 
 
+STRATEGIES = ("auto", "fsdp2")
+
+
+def uses_fsdp(strategy: str, world_size: int, param_dtype: torch.dtype, offload: bool = False) -> bool:
+    """`strategy` fsdp2: always FSDP2. auto: FSDP2 unless one rank computes in fp32 with nothing
+    offloaded, where it would shard nothing and cast nothing, and only add copies (every unit's
+    gathered parameters, and each gradient beside its reduced copy) and per-layer hooks."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"actor.strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
+    return strategy == "fsdp2" or world_size > 1 or param_dtype != torch.float32 or offload
+
+
+def place(
+    policy: EmbeddingPolicy,
+    mesh,
+    param_dtype: torch.dtype,
+    device: torch.device,
+    strategy: str = "auto",
+    offload: bool = False,
+) -> EmbeddingPolicy:
+    """The policy as a trainer holds it: sharded from rank 0 (`shard_from_rank0`), or the plain module on
+    `device` where `uses_fsdp` says FSDP2 gives nothing. The rest of this module takes either."""
+    if uses_fsdp(strategy, dist.get_world_size(), param_dtype, offload):
+        return shard_from_rank0(policy, mesh, param_dtype, device, offload)
+    return policy.to(device)
+
+
 def clip_and_step(
     params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_norm: float
 ) -> tuple[float, bool]:
@@ -122,7 +149,7 @@ def gathered(policy: EmbeddingPolicy):
     """Every FSDP unit of `policy` unsharded, and kept so across forwards: inside, modules run with no
     collective, so each rank can generate its own prompts for as many steps as it needs. The hybrid
     worker's hf rollout generates from the actor's own weights this way. FSDP's forward hooks are out of
-    the way meanwhile (`_forward_hooks_detached`)."""
+    the way meanwhile (`_forward_hooks_detached`). A plain module (`place`) has no units: nothing to do."""
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
     inner = [u for u in units if u is not policy]  # the root keeps its own policy; it is not called here
     for unit in inner:
