@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from ume_r1.training.checkpoint import LATEST
 
 REPO = Path(__file__).resolve().parent.parent
-# Wall-clock figures differ between any two runs; everything else must not.
-TIMED = ("timing_s/", "sync/seconds", "tokens_per_s", "elapsed_s")
+# Wall-clock and memory figures differ between any two runs; everything else must not.
+TIMED = ("timing_s/", "sync/seconds", "tokens_per_s", "elapsed_s", "perf/peak_memory_gb/")
 
 
 def grpo_command(model: str, train: str, run_dir: Path) -> list[str]:
