@@ -76,8 +76,8 @@ class LearnerWorker(ConfiguredWorker):
         if cfg.freeze_vision_tower:
             model.model.visual.requires_grad_(False)
         self.gen_emb_id = self.tokenizer.convert_tokens_to_ids(GEN_EMB)
-        strategy = cfg.actor.strategy
-        self.policy = place(EmbeddingPolicy(model, self.gen_emb_id), mesh, param_dtype, self.device, strategy)
+        policy = EmbeddingPolicy(model, self.gen_emb_id)
+        self.policy = place(policy, mesh, param_dtype, self.device, cfg.actor.strategy)
         optim = cfg.actor.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],

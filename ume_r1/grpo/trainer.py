@@ -43,6 +43,7 @@ from ume_r1.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from ume_r1.training.memory import PREFIX as PEAK_MEMORY
 from ume_r1.training.metric_logger import MetricLogger
 from ume_r1.training.preflight import check_output_dir, checkpoint_bytes
 from workers.hybrid import ActorRolloutRefWorker
@@ -291,7 +292,7 @@ class GRPOTrainer:
                 update = self.learners.update_actor(pad_for_ranks(kept, cfg.learner.num_workers))
                 per_rank = update.meta_info["metrics"]
                 for key, values in per_rank.items():  # per-rank lists; peak memory: the largest rank's
-                    update_metrics[key] = float((np.max if key.startswith("perf/peak") else np.mean)(values))
+                    update_metrics[key] = float((np.max if key.startswith(PEAK_MEMORY) else np.mean)(values))
             if self.on_policy:  # the update's forward gave the old log-probs (the weights before it)
                 data.union(update[: len(data)])
             with _timer(timing, "sync"):

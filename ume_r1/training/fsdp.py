@@ -83,7 +83,7 @@ def uses_fsdp(strategy: str, world_size: int, param_dtype: torch.dtype, offload:
     offloaded, where it would shard nothing and cast nothing, and only add copies (every unit's
     gathered parameters, and each gradient beside its reduced copy) and per-layer hooks."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"actor.strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
+        raise ValueError(f"actor/ref strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
     return strategy == "fsdp2" or world_size > 1 or param_dtype != torch.float32 or offload
 
 

@@ -5,6 +5,7 @@ began included), not the process's since start-up."""
 
 from __future__ import annotations
 
+import resource
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,20 +13,22 @@ import torch
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 GB = 2**30
+PREFIX = "perf/peak_memory_gb/"
 
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _CLEAR_REFS.write_text(
-            "5"
-        )  # Linux: resets the process's peak resident set (VmHWM) to the current one
+    elif _CLEAR_REFS.exists():  # Linux: the peak resident set (VmHWM) back to the current one
+        _CLEAR_REFS.write_text("5")
 
 
 def peak_gb(device: torch.device) -> float:
+    """Without Linux's /proc (macOS) the process's peak since start-up: no per-stage reset there."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GB
+    if not _STATUS.exists():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / GB  # bytes on macOS
     for line in _STATUS.read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024 / GB
@@ -49,6 +52,6 @@ class StagePeaks:
 
     def take(self) -> dict[str, float]:
         """The recorded peaks as metrics, cleared for the next step."""
-        taken = {f"perf/peak_memory_gb/{name}": value for name, value in self.peaks.items()}
+        taken = {f"{PREFIX}{name}": value for name, value in self.peaks.items()}
         self.peaks.clear()
         return taken
