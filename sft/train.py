@@ -38,7 +38,7 @@ from ume_r1.training.checkpoint import (
     save_all_ranks,
     save_sharded,
 )
-from ume_r1.training.fsdp import clip_and_step, init_distributed, save_hf_checkpoint, shard_from_rank0
+from ume_r1.training.fsdp import adamw, clip_and_step, init_distributed, save_hf_checkpoint, shard_from_rank0
 from ume_r1.training.metric_logger import keep_metrics
 from ume_r1.training.preflight import check_output_dir, checkpoint_bytes
 
@@ -111,7 +111,7 @@ def train(cfg: DictConfig) -> dict:
         device,
     )
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    optimizer = adamw(params, tc.lr, tc.betas, tc.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(tc.warmup_ratio * tc.total_steps), tc.total_steps
     )

@@ -29,6 +29,7 @@ from ume_r1.model.policy import EmbeddingPolicy
 from ume_r1.rollout.weights import SyncStats, buckets
 from ume_r1.training.checkpoint import load_sharded, save_sharded
 from ume_r1.training.fsdp import (
+    adamw,
     clip_and_step,
     full_state_dict,
     init_distributed,
@@ -79,12 +80,8 @@ class LearnerWorker(ConfiguredWorker):
         policy = EmbeddingPolicy(model, self.gen_emb_id)
         self.policy = place(policy, mesh, param_dtype, self.device, cfg.actor.strategy)
         optim = cfg.actor.optim
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad],
-            lr=optim.lr,
-            betas=tuple(optim.betas),
-            weight_decay=optim.weight_decay,
-        )
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = adamw(trainable, optim.lr, optim.betas, optim.weight_decay)
         warmup = max(1, int(optim.lr_warmup_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
