@@ -31,7 +31,9 @@ TRL is installed by this script into its own directory (`benchmarks/.trl-env`, `
 dependencies: it runs on this project's torch, transformers, accelerate and datasets), which only the
 TRL subprocess puts on its path. Rounds alternate the layouts; figures are medians of the per-step
 times after `--warmup` steps, over all rounds; peak memory is the largest sum of PSS over the whole
-process tree of a run (Ray's processes included), sampled every 3 s.
+process tree of a run (Ray's processes included), sampled every 3 s, so a peak shorter than that can be
+missed. Exact figures beside it: TRL's one process reports its peak resident size, and this project's
+learner process its peak in each stage (`perf/peak_memory_gb/*`).
 
     PATH=.venv/bin:$PATH .venv/bin/python benchmarks/trl_side_by_side.py [--rounds 3] [--steps 8]
     PATH=.venv/bin:$PATH .venv/bin/python benchmarks/trl_side_by_side.py --shape 2b --rounds 1 --steps 3 \
@@ -321,7 +323,7 @@ def run_ours(model: str, data: str, steps: int, layout: str, shape: Shape, out: 
 
 
 TRL_SCRIPT = r"""
-import json, sys, time
+import json, resource, sys, time
 import torch
 from datasets import Dataset
 from transformers import Qwen2VLModel, Qwen2VLProcessor, Qwen2VLVideoProcessor, TrainerCallback
@@ -458,7 +460,8 @@ trainer = GRPOTrainer(model=model, reward_funcs=ume_reward, args=config, process
 trainer.train()
 history = trainer.state.log_history
 lengths = [h["completions/mean_length"] for h in history if "completions/mean_length" in h]
-json.dump({"step_s": clock.times, "length": lengths}, open(out + "/trl.json", "w"))
+peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # exact, not sampled
+json.dump({"step_s": clock.times, "length": lengths, "peak_rss_gb": peak_gb}, open(out + "/trl.json", "w"))
 """
 
 
@@ -496,7 +499,7 @@ def main() -> None:
     ensure_trl()
     if args.before:
         args.layouts += [f"{name}@{args.before}" for name in args.layouts if name != "trl"]
-    keys = ("step_s", "length", "generate_s", "peak")
+    keys = ("step_s", "length", "generate_s", "peak", "peak_rss_gb")
     results: dict[str, dict[str, list]] = {name: {k: [] for k in keys} for name in args.layouts}
     stages: dict[str, dict[str, list]] = {}
     learner_peaks: dict[str, dict[str, list]] = {}
@@ -520,6 +523,8 @@ def main() -> None:
                 for key in ("step_s", "length", "generate_s"):
                     results[name][key] += got.get(key, [])[args.warmup :]
                 results[name]["peak"].append(got["peak"])
+                if "peak_rss_gb" in got:
+                    results[name]["peak_rss_gb"].append(got["peak_rss_gb"])
                 for stage, gb in got.get("learner_peaks", {}).items():
                     learner_peaks.setdefault(name, {}).setdefault(stage, []).append(gb)
                 for stage, values in got.get("stages", {}).items():
@@ -562,9 +567,14 @@ def report(args, shape: Shape, results: dict, stages: dict, learner_peaks: dict,
         total = median(results[name]["step_s"])
         parts = ", ".join(f"{s} {median(v):.2f} s ({median(v) / total:.0%})" for s, v in split.items())
         print(f"{name} stages (medians): {parts}")
+    trl_rss = max(trl.get("peak_rss_gb", [])) if trl and trl.get("peak_rss_gb") else None
+    if trl_rss:
+        print(f"trl process, peak resident GB (its own ru_maxrss, exact): {trl_rss:.2f}")
     for name, split in learner_peaks.items():
         parts = ", ".join(f"{s} {max(v):.2f}" for s, v in split.items())
-        print(f"{name} learner process, peak resident GB per stage (max over rounds): {parts}")
+        top = max(max(v) for v in split.values())
+        versus = f"; the largest, {top:.2f}, is {top / trl_rss:.2f}x TRL's process" if trl_rss else ""
+        print(f"{name} learner process, peak resident GB per stage (max over rounds): {parts}{versus}")
 
 
 if __name__ == "__main__":
