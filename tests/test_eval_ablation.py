@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ume_r1.eval.ablation import ablation_table, load_runs, main, verdict
+from ume_r1.eval.ablation import (
+    ablation_table,
+    change_over_seeds,
+    changes_table,
+    difference_over_seeds,
+    load_runs,
+    main,
+    verdict,
+)
 from ume_r1.eval.report import lift_line, paired_change
 from ume_r1.eval.report import main as report_main
 
@@ -68,6 +76,7 @@ def _write_sweep(root: Path, seeds_hits: dict[str, list[tuple[list[int], list[in
 
 def test_ablation_table_verdict_and_outputs(tmp_path: Path, capsys) -> None:
     up = ([1, 1, 1, 0, 1, 0, 1, 0], [1, 1, 0, 1, 0, 0, 1, 0])  # +5 of 16: +31.2 points
+    up4 = ([1, 1, 1, 0, 1, 0, 1, 0], [1, 1, 0, 0, 0, 0, 1, 0])  # +4 of 16: +25.0 points
     same = (SFT["per_query"]["gen"]["a"], SFT["per_query"]["gen"]["b"])
     _write_sweep(tmp_path, {"gap": [same, same], "ranking_x_gap": [up, up, same]})
     sft, runs = load_runs(tmp_path)
@@ -81,19 +90,69 @@ def test_ablation_table_verdict_and_outputs(tmp_path: Path, capsys) -> None:
     mean_gen = [100 * _results(*up)["overall"]["gen"]] * 2 + [100 * SFT["overall"]["gen"]]
     assert f"{np.mean(mean_gen):.1f} ± {np.std(mean_gen, ddof=1):.1f}" in table
 
+    # +31.25, +31.25, 0: mean +20.8, SE over seeds 10.4, so not beyond two SE
     said = verdict(sft, runs)
-    assert "): MET (mean change +20.8; 2 of 3 seeds reach it alone)" in said  # (31.25 + 31.25 + 0) / 3
+    assert "): NOT MET (mean change +20.8 ± 10.4; 2 of 3 seeds reach it alone)" in said
     assert "ranking_x_gap >= gap: holds" in said
-    runs["ranking_x_gap"] = runs["ranking_x_gap"][2:] * 2  # two seeds without a change
-    assert "): NOT MET (mean change +0.0; 0 of 2 seeds reach it alone)" in verdict(sft, runs)
+    runs["ranking_x_gap"][2].results = _results(*up4)  # +31.25, +31.25, +25: mean +29.2 ± 2.1
+    assert "): MET (mean change +29.2 ± 2.1; 3 of 3 seeds reach it alone)" in verdict(sft, runs)
+    runs["ranking_x_gap"] = runs["gap"]  # two seeds without a change
+    assert "): NOT MET (mean change +0.0 ± 0.0; 0 of 2 seeds reach it alone)" in verdict(sft, runs)
     assert "ranking_x_gap >= gap: holds (25.0 vs 25.0)" in verdict(sft, runs)
     runs["gap"] = [runs["gap"][0], *load_runs(tmp_path)[1]["ranking_x_gap"][:1]]
     assert "ranking_x_gap >= gap: does NOT hold" in verdict(sft, runs)
 
     main([str(tmp_path)])
-    assert "| ranking_x_gap | 3 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ranking_x_gap | 3 |" in out and "| ranking_x_gap - gap | 2 |" in out
     assert (tmp_path / "ablation.md").read_text().startswith("| reward |")
     assert (tmp_path / "reward_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_changes_and_differences_over_seeds_equal_a_direct_computation(tmp_path: Path) -> None:
+    """Per-seed changes, their mean and both standard errors, and the seed- and query-paired difference
+    between two rewards (over the seeds both ran), against numpy on random hits."""
+    rng = np.random.default_rng(0)
+    draw = lambda: (rng.integers(0, 2, 8).tolist(), rng.integers(0, 2, 8).tolist())  # noqa: E731
+    _write_sweep(tmp_path, {"ranking_x_gap": [draw() for _ in range(5)], "gap": [draw() for _ in range(3)]})
+    sft, runs = load_runs(tmp_path)
+    start = np.array(SFT["per_query"]["gen"]["a"] + SFT["per_query"]["gen"]["b"], float)
+
+    def hits(mode: str) -> dict[int, np.ndarray]:
+        return {
+            r.seed: np.array(r.results["per_query"]["gen"]["a"] + r.results["per_query"]["gen"]["b"])
+            for r in runs[mode]
+        }
+
+    main_hits, gap_hits = hits("ranking_x_gap"), hits("gap")
+    per_seed = np.array([100 * (main_hits[s] - start).mean() for s in range(1, 6)])
+    change = change_over_seeds(sft, runs["ranking_x_gap"])
+    assert list(change.per_seed) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(list(change.per_seed.values()), per_seed)
+    assert change.mean == pytest.approx(per_seed.mean())
+    assert change.se_seeds == pytest.approx(per_seed.std(ddof=1) / math.sqrt(5))
+    per_query = np.mean([100 * (main_hits[s] - start) for s in range(1, 6)], axis=0)
+    assert (
+        change.se_queries == pytest.approx(per_query.std(ddof=1) / math.sqrt(16)) and change.n_queries == 16
+    )
+
+    diff = difference_over_seeds(runs["ranking_x_gap"], runs["gap"])
+    assert list(diff.per_seed) == [1, 2, 3]  # only the seeds both rewards ran
+    d = np.array([100 * (main_hits[s] - gap_hits[s]).mean() for s in (1, 2, 3)])
+    assert diff.mean == pytest.approx(d.mean())
+    assert diff.se_seeds == pytest.approx(d.std(ddof=1) / math.sqrt(3))
+    d_query = np.mean([100 * (main_hits[s] - gap_hits[s]) for s in (1, 2, 3)], axis=0)
+    assert diff.se_queries == pytest.approx(d_query.std(ddof=1) / math.sqrt(16))
+    assert diff.beyond_two_se() == (abs(d.mean()) > 2 * d.std(ddof=1) / math.sqrt(3))
+
+    table = changes_table(sft, runs)
+    assert (
+        f"| ranking_x_gap | 5 | {per_seed.mean():+.1f} | {change.se_seeds:.1f} | {change.se_queries:.1f} |"
+        in table
+    )
+    assert f"| ranking_x_gap - gap | 3 | {d.mean():+.1f} | {diff.se_seeds:.1f} |" in table
+    with pytest.raises(ValueError, match="no seed in common"):
+        difference_over_seeds(runs["ranking_x_gap"][3:], runs["gap"])
 
 
 def test_stage_summary_ends_with_the_lift_line(tmp_path: Path, capsys) -> None:

@@ -80,6 +80,91 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
 
 
+def _se(values: np.ndarray) -> float:
+    """Standard error of the mean of `values` (nan for fewer than two)."""
+    return float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else float("nan")
+
+
+@dataclass
+class SeedMean:
+    """A mean over seeds of paired per-query differences in greedy gen Hit@1 (points), with two standard
+    errors: over seeds (the RL stage's own variation between runs; the goals are judged on it) and over
+    queries (of the per-query difference averaged over the seeds: the held-out set's sampling noise)."""
+
+    per_seed: dict[int, float]
+    se_queries: float
+    n_queries: int
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.per_seed.values())))
+
+    @property
+    def se_seeds(self) -> float:
+        return _se(np.array(list(self.per_seed.values())))
+
+    def beyond_two_se(self) -> bool:
+        return abs(self.mean) > 2 * self.se_seeds
+
+
+def _paired(hits: dict[int, np.ndarray], baseline: dict[int, np.ndarray]) -> SeedMean:
+    """`hits` minus `baseline`, per seed, over the seeds both have."""
+    seeds = sorted(set(hits) & set(baseline))
+    if not seeds:
+        raise ValueError(f"no seed in common between seeds {sorted(hits)} and {sorted(baseline)}")
+    diffs = {s: 100 * (hits[s] - baseline[s]) for s in seeds}
+    per_query = np.mean([diffs[s] for s in seeds], axis=0)
+    return SeedMean({s: float(d.mean()) for s, d in diffs.items()}, _se(per_query), per_query.size)
+
+
+def _hits(group: list[Run]) -> dict[int, np.ndarray]:
+    return {r.seed: gen_hits(r.results) for r in group}
+
+
+def change_over_seeds(sft: dict[str, Any], group: list[Run]) -> SeedMean:
+    """A reward's change against the SFT checkpoint every run started from, per seed and on average."""
+    start = gen_hits(sft)
+    return _paired(_hits(group), {r.seed: start for r in group})
+
+
+def difference_over_seeds(a: list[Run], b: list[Run]) -> SeedMean:
+    """Reward a minus reward b, paired by seed (the seed fixes the data order and the rollout sampling
+    of both) and by query; over the seeds both rewards ran."""
+    return _paired(_hits(a), _hits(b))
+
+
+def changes_table(sft: dict[str, Any], runs: dict[str, list[Run]]) -> str:
+    """Every reward's mean change against SFT, and every pair of rewards' difference, with their standard
+    errors; a difference is called only beyond two standard errors over seeds."""
+    lines = [
+        "| reward | seeds | mean change | SE over seeds | SE over queries | per seed |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for mode, group in runs.items():
+        c = change_over_seeds(sft, group)
+        seeds = ", ".join(f"s{s}: {v:+.1f}" for s, v in c.per_seed.items())
+        cells = f"{c.mean:+.1f} | {c.se_seeds:.1f} | {c.se_queries:.1f}"
+        lines.append(f"| {mode} | {len(c.per_seed)} | {cells} | {seeds} |")
+    modes = list(runs)
+    lines += [
+        "",
+        "| difference | common seeds | mean | SE over seeds | SE over queries | beyond 2 SE (seeds) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for i, a in enumerate(modes):
+        for b in modes[i + 1 :]:
+            d = difference_over_seeds(runs[a], runs[b])
+            lines.append(
+                f"| {a} - {b} | {len(d.per_seed)} | {d.mean:+.1f} | {d.se_seeds:.1f} | {d.se_queries:.1f} "
+                f"| {'yes' if d.beyond_two_se() else 'no'} |"
+            )
+    lines.append(
+        f"\nPoints of greedy gen Hit@1 over {gen_hits(sft).size} held-out queries, paired by query and by"
+        " seed."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def _sensitivity(results: dict[str, Any]) -> float | None:
     return (results.get("generation") or {}).get("reasoning_sensitivity")
 
@@ -115,16 +200,18 @@ def ablation_table(sft: dict[str, Any], runs: dict[str, list[Run]]) -> str:
 
 
 def verdict(sft: dict[str, Any], runs: dict[str, list[Run]], main_mode: str = MODES[0]) -> str:
-    """The issue's two goals, stated plainly from the numbers."""
+    """The issue's goals, stated plainly from the numbers: the main reward's mean change over seeds is at
+    least GOAL_POINTS and beyond two standard errors over seeds; it is at least as good as each other
+    reward by the mean."""
     if main_mode not in runs:
         return f"no {main_mode} runs: no verdict\n"
-    changes = [paired_change(sft, r.results) for r in runs[main_mode]]
-    mean_change = float(np.mean([c.points for c in changes]))
-    each = sum(c.points >= GOAL_POINTS for c in changes)
+    change = change_over_seeds(sft, runs[main_mode])
+    each = sum(v >= GOAL_POINTS for v in change.per_seed.values())
+    met = change.mean >= GOAL_POINTS and change.beyond_two_se()
     lines = [
         f"- goal 1 (GRPO with {main_mode} lifts greedy gen Hit@1 by >= {GOAL_POINTS:g} points over SFT, mean "
-        f"over seeds): {'MET' if mean_change >= GOAL_POINTS else 'NOT MET'} (mean change {mean_change:+.1f}; "
-        f"{each} of {len(changes)} seeds reach it alone)"
+        f"over seeds, beyond two SE over seeds): {'MET' if met else 'NOT MET'} (mean change "
+        f"{change.mean:+.1f} ± {change.se_seeds:.1f}; {each} of {len(change.per_seed)} seeds reach it alone)"
     ]
     main = np.mean([_gen(r.results) for r in runs[main_mode]])
     for mode, group in runs.items():
@@ -163,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path, help="the sweep's directory (recipes/ablate.sh's OUT)")
     args = parser.parse_args(argv)
     sft, runs = load_runs(args.root)
-    text = ablation_table(sft, runs) + "\n" + verdict(sft, runs)
+    text = ablation_table(sft, runs) + "\n" + changes_table(sft, runs) + "\n" + verdict(sft, runs)
     print(text)
     write_text(str(args.root / "ablation.md"), text)
     plot_reward_curves(runs, str(args.root / "reward_curves.png"))
