@@ -87,7 +87,10 @@ SHAPES = {
             "data.max_prompt_length=1024",
             f"data.max_pixels={IMAGE_SIDE * IMAGE_SIDE}",
             "rollout.micro_batch_size=8",
-            "actor.micro_batch_size_per_gpu=8",  # rows per forward / backward, as TRL's micro-batches
+            # rows per forward / backward, as TRL's micro-batches (not the default token budget, whose
+            # 16,384 tokens take 56 of these rows at once and most of the update's memory)
+            "actor.use_dynamic_bsz=false",
+            "actor.micro_batch_size_per_gpu=8",
             "rollout.cpu_kvcache_space_gb=4",
             "trainer.reasoning_sensitivity_freq=0",
         ),
@@ -100,6 +103,8 @@ LAYOUTS = {
     "hybrid": ["trainer.hybrid_engine=true"],
     "hybrid-vllm": ["trainer.hybrid_engine=true", "rollout.name=vllm"],
     "hybrid-2": ["trainer.hybrid_engine=true", "learner.num_workers=2"],
+    # micro-batches by the default token budget (ume_r1.training.micro_batches) instead of rows
+    "hybrid-token-budget": ["trainer.hybrid_engine=true", "actor.use_dynamic_bsz=true"],
 }
 
 
