@@ -18,8 +18,9 @@ from transformers import Qwen2VLForConditionalGeneration
 from ume_r1.grpo.trainer import GRPOTrainer
 
 FILTERED = "algorithm.filter_groups.enable=true"
+BONUS = "algorithm.reasoning_bonus_coef=0.5"  # the probe on every step, its dependence in the reward
 LAYOUTS = [
-    pytest.param(["rollout.num_workers=2"], id="cpu-2-rollout-workers"),
+    pytest.param(["rollout.num_workers=2", BONUS], id="cpu-2-rollout-workers-reasoning-bonus"),
     pytest.param(["trainer.hybrid_engine=true"], id="cpu-hybrid-hf"),
     pytest.param(["rollout.name=vllm", "trainer.hybrid_engine=true"], id="cpu-hybrid-vllm"),
     # Two ranks, each generating a different share of prompts: no collective may run while they do.
@@ -87,12 +88,15 @@ def test_two_grpo_steps_sync_and_checkpoint(layout, tiny_model_dir, synthetic_di
         assert 0 <= row["reward/zero_variance_groups"] <= 1
         # every learner stage of the step reports its peak memory; generation only where it ran there
         stages = {"forward", "update"} | ({"generate"} if trainer.hybrid else set())
-        stages |= {"probe"} if row["step"] == 2 else set()
+        probed = row["step"] == 2 or BONUS in layout
+        stages |= {"probe"} if probed else set()
+        assert ("embedding/reasoning_dependence_corr/format" in row) == probed
         peaks = {k.removeprefix("perf/peak_memory_gb/") for k in row if k.startswith("perf/peak_memory_gb/")}
         assert peaks == stages and all(0 < row[f"perf/peak_memory_gb/{s}"] < 64 for s in peaks), row
         assert (0 <= row["filter/kept_rows"] <= 1) if FILTERED in layout else "filter/kept_rows" not in row
-    # the probe ran at step 2 only (nan when no response of the random model has a <think> block)
-    assert "embedding/reasoning_sensitivity" not in rows[0]
+    # the probe ran at step 2 only, or on every step with the bonus (nan when no response of the random
+    # model has a <think> block)
+    assert ("embedding/reasoning_sensitivity" in rows[0]) == (BONUS in layout)
     probe = rows[1]["embedding/reasoning_sensitivity"]
     assert math.isnan(probe) or -1 <= probe <= 1
     # After the first update the policy has moved away from the reference.

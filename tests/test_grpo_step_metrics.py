@@ -1,8 +1,9 @@
 """GRPO's step diagnostics by hand: zero-variance groups, the format share of the reward variance, in-batch
-Hit@1 and the within-group cosine."""
+Hit@1, the within-group cosine, and the reasoning probe's dependence and its within-group correlations."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,14 @@ from ume_r1.eval.metrics import within_group_cosine
 from ume_r1.grpo.advantages import flat_groups
 from ume_r1.grpo.grouping import StepPrompts
 from ume_r1.grpo.learner_batch import build_sequences
-from ume_r1.grpo.step_metrics import in_batch_hit_at_1, reward_group_stats, rollout_probs_diff
+from ume_r1.grpo.probe import reasoning_dependence
+from ume_r1.grpo.step_metrics import (
+    in_batch_hit_at_1,
+    reasoning_metrics,
+    reward_group_stats,
+    rollout_probs_diff,
+    within_group_correlation,
+)
 from ume_r1.rollout.factory import rollout_config
 from ume_r1.rollout.hf import HFRollout
 from ume_r1.rollout.weights import SyncStats
@@ -103,3 +111,35 @@ def test_rollout_probs_diff_shows_a_skipped_sync(tiny_model_dir, synthetic_dir, 
         stale,
         synced,
     )
+
+
+def test_reasoning_dependence_and_its_within_group_correlations_equal_a_direct_computation() -> None:
+    """1 - cos per row (NaN where not swapped), its mean as the sensitivity, and Pearson's correlation
+    of prompt-centred dependence and reward over the probed rows, against numpy."""
+    gen = torch.Generator().manual_seed(0)
+    own = F.normalize(torch.randn(9, 6, generator=gen), dim=-1)
+    swapped = F.normalize(torch.randn(9, 6, generator=gen), dim=-1)
+    valid = torch.tensor([True] * 7 + [False, True])
+    dependence = reasoning_dependence(own, swapped, valid)
+    direct = 1 - (own * swapped).sum(-1) / (own.norm(dim=-1) * swapped.norm(dim=-1))
+    torch.testing.assert_close(dependence[valid], direct[valid])
+    assert torch.isnan(dependence[~valid]).all()
+
+    prompt_index = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    reward = torch.randn(9, generator=gen)
+    fmt = torch.tensor([1.0, 0, 1, 1, 1, 0, 0, 1, 1])
+    x, y, f, g = (t[valid].double().numpy() for t in (dependence, reward, fmt, prompt_index))
+
+    def centred(v: np.ndarray) -> np.ndarray:
+        return v - np.array([v[g == p].mean() for p in g])
+
+    expected = np.corrcoef(centred(x), centred(y))[0, 1]
+    assert within_group_correlation(dependence, reward, prompt_index) == pytest.approx(expected)
+    metrics = reasoning_metrics(dependence, {"reward": reward, "format": fmt}, prompt_index)
+    assert metrics["embedding/reasoning_sensitivity"] == pytest.approx(float(1 - direct[valid].mean()))
+    assert metrics["embedding/reasoning_dependence_corr/reward"] == pytest.approx(expected)
+    fmt_corr = np.corrcoef(centred(x), centred(f))[0, 1]
+    assert metrics["embedding/reasoning_dependence_corr/format"] == pytest.approx(fmt_corr)
+    assert "embedding/reasoning_dependence_corr/embedding" not in metrics  # no such component given
+    # no variation within any group: no correlation to report
+    assert np.isnan(within_group_correlation(dependence, prompt_index.float(), prompt_index))

@@ -120,3 +120,33 @@ def step_metrics(
         metrics["actor/kl_to_ref"] = masked_mean(kl)
     metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
     return metrics
+
+
+def within_group_correlation(x: torch.Tensor, y: torch.Tensor, prompt_index: torch.Tensor) -> float:
+    """Pearson correlation of x and y after subtracting each prompt's mean from both, over rows where x
+    is not NaN: whether, among one prompt's G responses (what GRPO compares), higher x goes with higher y.
+    NaN without variation."""
+    keep = ~torch.isnan(x)
+    x, y, group = x[keep].double(), y[keep].double(), prompt_index[keep]
+    if len(x) < 2:
+        return float("nan")
+    num = int(group.max()) + 1
+    count = torch.bincount(group, minlength=num).double().clamp(min=1)
+    centred = [v - (torch.zeros(num, dtype=v.dtype).index_add_(0, group, v) / count)[group] for v in (x, y)]
+    scale = float(centred[0].norm() * centred[1].norm())
+    return float((centred[0] * centred[1]).sum()) / scale if scale > 0 else float("nan")
+
+
+def reasoning_metrics(
+    dependence: torch.Tensor, scores: dict[str, torch.Tensor], prompt_index: torch.Tensor
+) -> dict[str, float]:
+    """The probe's figures: the mean cosine between own and swapped-reasoning embeddings (1: the
+    reasoning does not matter), and the within-group correlation of each response's reasoning dependence
+    with its reward and with the reward's components: negative means GRPO's comparison among a
+    prompt's responses favours embeddings that ignore the reasoning."""
+    metrics = {"embedding/reasoning_sensitivity": float(1 - dependence.nanmean())}
+    for key in ("reward", "format", "embedding"):
+        if key in scores:
+            value = within_group_correlation(dependence, scores[key].float(), prompt_index)
+            metrics[f"embedding/reasoning_dependence_corr/{key}"] = value
+    return metrics

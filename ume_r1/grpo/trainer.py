@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import ray
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from verl import DataProto
@@ -24,12 +25,11 @@ from ume_r1.data.loader import BadRowCounts, EncodedRows, row_batches
 from ume_r1.data.media import MediaLimits
 from ume_r1.data.processor import UMEProcessor
 from ume_r1.data.rl_rows import load_examples
-from ume_r1.eval.metrics import reasoning_sensitivity
 from ume_r1.grpo.advantages import drop_flat_groups, grpo_advantages
 from ume_r1.grpo.grouping import EncodedExample, StepPrompts, encode_example, plan_prompts
 from ume_r1.grpo.learner_batch import build_sequences, on_policy, pad_for_ranks, share_prompts
-from ume_r1.grpo.probe import swapped_responses
-from ume_r1.grpo.step_metrics import reward_group_stats, rollout_probs_diff, step_metrics
+from ume_r1.grpo.probe import embed_swapped, reasoning_dependence
+from ume_r1.grpo.step_metrics import reasoning_metrics, reward_group_stats, rollout_probs_diff, step_metrics
 from ume_r1.grpo.supervision import SupervisedGroup, WorkerFailure
 from ume_r1.grpo.worker_groups import init_ray, learner_config, node_pool, plain, worker_group
 from ume_r1.reward.batch import RewardBatch
@@ -261,8 +261,9 @@ class GRPOTrainer:
             data.meta_info["seed"] = step
             self.forward(data, sampled)
         update_metrics = {}
+        texts = self.tokenizer.batch_decode([r for group in sampled.responses for r in group])
+        dependence = self.reasoning_dependence(plan, sampled.responses, texts, data, step, shared, timing)
         with _timer(timing, "reward"):
-            texts = self.tokenizer.batch_decode([r for group in sampled.responses for r in group])
             batch = RewardBatch(
                 embeddings=data.batch["embeddings"].float(),
                 responses=texts,
@@ -274,15 +275,15 @@ class GRPOTrainer:
                 in_batch_negatives=plan.in_batch_negatives,
             )
             scores = self.rewarder.score(batch)[0]
+        reward = scores["reward"]
+        if dependence is not None:
+            update_metrics.update(reasoning_metrics(dependence, scores, prompt_index))
+            if cfg.algorithm.reasoning_bonus_coef:
+                reward = reward + cfg.algorithm.reasoning_bonus_coef * dependence.nan_to_num(0.0)
         data.batch["advantages"] = grpo_advantages(
-            scores["reward"], data.batch["response_mask"], prompt_index, cfg.algorithm.norm_adv_by_std_in_grpo
+            reward, data.batch["response_mask"], prompt_index, cfg.algorithm.norm_adv_by_std_in_grpo
         )
         update_metrics.update(reward_group_stats(scores, prompt_index))
-        if cfg.trainer.reasoning_sensitivity_freq > 0 and step % cfg.trainer.reasoning_sensitivity_freq == 0:
-            with _timer(timing, "probe"):
-                update_metrics["embedding/reasoning_sensitivity"] = self.probe_reasoning(
-                    plan, sampled.responses, texts, data, step, shared
-                )
         kept = data
         if cfg.algorithm.filter_groups.enable:
             kept = drop_flat_groups(data, scores["reward"], prompt_index)
@@ -324,25 +325,23 @@ class GRPOTrainer:
         padded.meta_info.update(policy=policy, ref=bool(cfg.actor.use_kl_loss))
         data.union(self.learners.compute_forwards(padded)[: len(data)])
 
-    def probe_reasoning(
-        self,
-        plan: StepPrompts,
-        responses: list[list[list[int]]],
-        texts: list[str],
-        data: DataProto,
-        step: int,
-        shared: ray.ObjectRef,
-    ) -> float:
-        """Reasoning sensitivity of the step's embeddings (`ume_r1.grpo.probe`): one learner forward of
-        the swapped responses, embeddings only."""
-        grouped, swapped = swapped_responses(plan, responses, texts, self.tokenizer)
-        probe, _ = build_sequences(plan.prompts, grouped)
-        share_prompts(probe, shared)
-        probe.meta_info.update(seed=step, policy="embeddings", ref=False, stage="probe")
-        padded = pad_for_ranks(probe, self.cfg.learner.num_workers)
-        out = self.learners.compute_forwards(padded)[: len(probe)]
-        valid = swapped & data.batch["has_gen_emb"].bool() & out.batch["has_gen_emb"].bool()
-        return reasoning_sensitivity(data.batch["embeddings"], out.batch["embeddings"], valid)
+    def reasoning_dependence(
+        self, plan: StepPrompts, responses, texts: list[str], data: DataProto, step: int, shared, timing
+    ) -> torch.Tensor | None:
+        """Each response's `reasoning_dependence` (`ume_r1.grpo.probe`), on the probe's steps
+        (`trainer.reasoning_sensitivity_freq`) and on every step with `algorithm.reasoning_bonus_coef`;
+        None on the others."""
+        cfg = self.cfg
+        freq = cfg.trainer.reasoning_sensitivity_freq
+        if not cfg.algorithm.reasoning_bonus_coef and not (freq > 0 and step % freq == 0):
+            return None
+        with _timer(timing, "probe"):
+            swapped, valid = embed_swapped(
+                self.learners, plan, responses, texts, self.tokenizer, shared, step, cfg.learner.num_workers
+            )
+            return reasoning_dependence(
+                data.batch["embeddings"], swapped, valid & data.batch["has_gen_emb"].bool()
+            )
 
     def rollout(self, plan: StepPrompts, seed: int) -> tuple[Sampled, float]:
         """Unique prompts split evenly over the rollout workers; G responses per prompt, in order, with

@@ -105,10 +105,10 @@ def place(
 def adamw(
     params: Iterable[torch.nn.Parameter], lr: float, betas: Iterable[float], weight_decay: float
 ) -> torch.optim.AdamW:
-    """AdamW on torch's fused kernel: one pass over each tensor and no temporaries. On CPU at the 2B
-    shape it steps the tied 151,936-row table 7.5x faster than the per-tensor loop, which also allocates
-    two table-sized temporaries (1.7 GB) at the peak of the update. transformers' Trainer (so TRL's) and
-    torchtitan default to it."""
+    """AdamW on torch's fused kernel: one pass over each tensor and no temporaries. On CPU it steps the
+    tied 151,936 x 1536 table in 0.13 s instead of the per-tensor loop's 0.99 s, which also allocates two
+    table-sized temporaries (1.7 GB) while it steps. transformers' Trainer (so TRL's) and torchtitan
+    default to it."""
     return torch.optim.AdamW(list(params), lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
 
 
