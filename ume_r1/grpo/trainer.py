@@ -286,7 +286,7 @@ class GRPOTrainer:
         update_metrics.update(reward_group_stats(scores, prompt_index))
         kept = data
         if cfg.algorithm.filter_groups.enable:
-            kept = drop_flat_groups(data, scores["reward"], prompt_index)
+            kept = drop_flat_groups(data, reward, prompt_index)  # the rewards the advantages came from
             update_metrics["filter/kept_rows"] = len(kept) / len(data)
         if len(kept):
             with _timer(timing, "update"):
