@@ -101,6 +101,14 @@ def test_ablation_table_verdict_and_outputs(tmp_path: Path, capsys) -> None:
     assert "ranking_x_gap >= gap: holds (25.0 vs 25.0)" in verdict(sft, runs)
     runs["gap"] = [runs["gap"][0], *load_runs(tmp_path)[1]["ranking_x_gap"][:1]]
     assert "ranking_x_gap >= gap: does NOT hold" in verdict(sft, runs)
+    # a variant outside the paper's modes (the reasoning bonus) is no ablation: its paired difference
+    runs["ranking_x_gap_bonus"] = load_runs(tmp_path)[1]["ranking_x_gap"]  # +31.25, +31.25, 0 vs 0, 0
+    said = verdict(sft, runs)
+    assert "ranking_x_gap >= ranking_x_gap_bonus" not in said
+    d = np.array([31.25, 31.25])  # the two common seeds' differences
+    se = np.std(d, ddof=1) / math.sqrt(2)
+    line = f"- variant ranking_x_gap_bonus - ranking_x_gap: {d.mean():+.1f} ± {se:.1f} over 2 common seeds"
+    assert line in said
 
     main([str(tmp_path)])
     out = capsys.readouterr().out
